@@ -1,0 +1,177 @@
+"""Pure image functions: reading any image into RGB, MODNet's pre- and
+post-processing, and what is made from a matte (cutouts, composites).
+
+No device, no model, no globals: arrays in, arrays out. Conventions: images are
+``uint8`` RGB arrays of shape ``(H, W, 3)``; mattes are float32 ``(H, W)`` in
+[0, 1]; sizes are ``(height, width)``.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # big photos are fine; decompression bombs are not
+
+SIZE_MULTIPLE = 32
+REFERENCE_SIZE = 512  # MODNet's official inference rule
+MODEL_FILE_SIZE = 256  # the static size of onnx-community/modnet-webnn
+
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+Size = tuple[int, int]
+
+
+class ImageReadError(ValueError):
+    """An input that is not a readable image."""
+
+
+# --------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PIL mode to uint8 RGB; 16-bit and float images are scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max() <= 1.0 else 255.0
+        gray = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _from_array(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageReadError(f"array of shape {arr.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    if arr.dtype == np.uint16:
+        arr = np.round(arr / 257.0).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageReadError(f"array of dtype {arr.dtype} is not an image (expected uint8, uint16 or float)")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """Read a path, bytes, PIL image or array into uint8 RGB ``(H, W, 3)``.
+
+    Honours EXIF orientation; handles 8/16-bit, grayscale, RGBA (alpha dropped),
+    palette and CMYK images. Raises ImageReadError naming the input.
+    """
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb8(ImageOps.exif_transpose(image) or image)
+    what = "stdin" if isinstance(image, bytes) else os.fspath(image)
+    try:
+        src = io.BytesIO(image) if isinstance(image, bytes) else what
+        with Image.open(src) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img) or img
+            return _to_rgb8(oriented)
+    except FileNotFoundError:
+        raise ImageReadError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{what}: is a folder") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(f"{what}: not a readable image ({reason})") from None
+
+
+# --------------------------------------------------------------------------
+# MODNet pre- and post-processing
+# --------------------------------------------------------------------------
+
+
+def official_size(height: int, width: int, reference: int = REFERENCE_SIZE) -> Size:
+    """MODNet's inference size rule: short side to 512 when it is above 512 or the
+    long side is below 512, then each side rounded down to a multiple of 32."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) < reference or min(height, width) > reference:
+        if width >= height:
+            h, w = reference, int(width / height * reference)
+        else:
+            h, w = int(height / width * reference), reference
+    else:
+        h, w = height, width
+    return max(SIZE_MULTIPLE, h - h % SIZE_MULTIPLE), max(SIZE_MULTIPLE, w - w % SIZE_MULTIPLE)
+
+
+def resolve_size(size: int | Size | str, height: int, width: int) -> Size:
+    """``'auto'`` -> the official rule; an int -> square; a pair -> itself (checked)."""
+    if isinstance(size, str):
+        if size != "auto":
+            raise ValueError(f"size must be 'auto', an int or (height, width), got {size!r}")
+        return official_size(height, width)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise ValueError(f"model input size must be positive multiples of {SIZE_MULTIPLE}, got {h}x{w}")
+    return h, w
+
+
+def resize_rgb(rgb: np.ndarray, size: Size) -> np.ndarray:
+    """Area interpolation when shrinking (as the official code), bilinear when enlarging."""
+    h, w = size
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    shrink = h <= rgb.shape[0] and w <= rgb.shape[1]
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(rgb).resize((w, h), method))
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> float32 (3, H, W) in [-1, 1]: (x / 255 - 0.5) / 0.5."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(((x - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1))
+
+
+def preprocess(image: ImageLike, size: int | Size | str = MODEL_FILE_SIZE) -> tuple[np.ndarray, Size]:
+    """Image -> (model input ``float32 [1, 3, h, w]``, original ``(height, width)``).
+
+    ``size``: 256 (the ``modnet-webnn`` file's fixed size) by default, any
+    multiple of 32, a ``(height, width)`` pair, or ``'auto'`` for MODNet's
+    official rule.
+    """
+    rgb = load_image(image)
+    original = (int(rgb.shape[0]), int(rgb.shape[1]))
+    target = resolve_size(size, *original)
+    return normalize(resize_rgb(rgb, target))[None], original
+
+
+def matte_to_size(matte: np.ndarray, size: Size) -> np.ndarray:
+    """Float matte -> float32 (H, W) at ``size`` (bilinear), clipped to [0, 1]."""
+    m = np.asarray(matte, dtype=np.float32)
+    while m.ndim > 2:
+        if m.shape[0] != 1:
+            raise ValueError(f"expected one matte, got an array of shape {np.shape(matte)}")
+        m = m[0]
+    h, w = size
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    return np.clip(m, 0.0, 1.0)
+
+
+def to_uint8(matte: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(matte, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def postprocess(output: np.ndarray, original_size: Size) -> np.ndarray:
+    """Model output ``[1, 1, h, w]`` -> 8-bit matte ``(H, W)`` at the original size."""
+    return to_uint8(matte_to_size(output, original_size))

@@ -1,0 +1,64 @@
+"""Shared fixtures: MODNet ONNX files in every flavour, made once per session.
+
+Exports take ~30 s on two cores, so the files are cached in pytest's cache
+folder, keyed by the code and library versions that produce them.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import synthetic_model  # noqa: E402
+
+PORTRAIT = ROOT / "assets" / "portrait_astronaut.jpg"
+
+
+def _fixture_key() -> str:
+    import onnx
+    import torch
+
+    h = hashlib.sha256()
+    for name in ("modnet_model.py", "synthetic_model.py"):
+        h.update((ROOT / name).read_bytes())
+    h.update(f"{torch.__version__} {onnx.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def flavour_files(request: pytest.FixtureRequest) -> dict[str, str]:
+    folder = Path(request.config.cache.mkdir("modnet-fixtures")) / _fixture_key()
+    wanted = {f: folder / f"modnet_{f}.onnx" for f in synthetic_model.FLAVOURS}
+    missing = [f for f, p in wanted.items() if not p.exists()]
+    if missing:
+        synthetic_model.generate(str(folder), missing)
+    return {f: str(p) for f, p in wanted.items()}
+
+
+@pytest.fixture(scope="session")
+def webnn_file(flavour_files: dict[str, str]) -> str:
+    return flavour_files["webnn"]
+
+
+@pytest.fixture(scope="session")
+def seeded_model():
+    return synthetic_model.seeded_modnet()
+
+
+@pytest.fixture(scope="session")
+def portrait_input() -> np.ndarray:
+    from imaging import preprocess
+
+    x, _ = preprocess(str(PORTRAIT), 256)
+    return x
+
+
+@pytest.fixture(scope="session")
+def random_input() -> np.ndarray:
+    return np.random.default_rng(0).uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32)
