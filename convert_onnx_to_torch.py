@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -40,6 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fileio import atomic_path
 from modnet_model import MODNet, MODNetConfig, CheckpointError, remap_official_state_dict
 from weight_extractor import OnnxReadError, OnnxWeights, read_weights
 
@@ -769,22 +769,14 @@ def load_checkpoint(path: str) -> MODNet:
 
 def save_state_dict(model: nn.Module, out_path: str) -> None:
     """Write ``model.state_dict()`` as .pt or .safetensors, atomically."""
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_path) as tmp:
         if out_path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
             save_file(state, tmp)
         else:
             torch.save(state, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from convert_onnx_to_torch import ConversionError, convert, describe
+from convert_onnx_to_torch import Conversion, ConversionError, convert, describe
 from modnet_model import MODNet, check_input_size
 from weight_extractor import OnnxReadError, OnnxWeights, ValueInfo, read_weights
 
@@ -97,10 +97,17 @@ def layer_costs(model: nn.Module, height: int, width: int) -> dict[str, tuple[in
     return costs
 
 
-def analyse(source: str | OnnxWeights, height: int = 256, width: int = 256, batch: int = 1) -> ArchReport:
+def analyse(
+    source: str | OnnxWeights,
+    height: int = 256,
+    width: int = 256,
+    batch: int = 1,
+    conversion: Conversion | None = None,
+) -> ArchReport:
+    """Analyse a MODNet graph; pass ``conversion`` when the file was already converted."""
     weights = source if isinstance(source, OnnxWeights) else read_weights(source)
     facts = weights.facts()
-    conversion = convert(weights)
+    conversion = conversion or convert(weights)
     model, report = conversion.model, conversion.report
     costs = layer_costs(model, height, width)
     nodes = {layer.module: layer.onnx_nodes for layer in report.layers}

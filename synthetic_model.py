@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from fileio import atomic_path
 from modnet_model import MODNet, IBNorm, INSTANCE_NORM_EPS
 
 DEFAULT_SEED = 0
@@ -303,13 +304,8 @@ def generate(
     with tempfile.TemporaryDirectory() as work:
         for flavour in flavours:
             final = os.path.join(out_dir, f"modnet_{flavour}.onnx")
-            tmp = final + ".part"  # renamed only once complete
-            try:
+            with atomic_path(final) as tmp:
                 export_flavour(model, flavour, tmp, work)
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             paths[flavour] = final
     return paths
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -23,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from fileio import atomic_path
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -287,17 +288,8 @@ def format_summary(s: WeightSummary) -> str:
 
 def save_npz(weights: OnnxWeights, out_path: str) -> int:
     """Write every constant as float32 (or its integer type) to ``out_path`` atomically."""
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **weights.arrays)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **weights.arrays)
     return len(weights.arrays)
 
 

@@ -1,0 +1,253 @@
+"""Where the ONNX model comes from: a local path, an http(s) URL, or a model id.
+
+For a model id (default ``onnx-community/modnet-webnn``) the cached copy under
+``models/`` is used when its sha256 matches; otherwise ``onnx/model.onnx`` is
+downloaded through the ModelScope SDK when installed, else the Hugging Face hub
+client when installed, else plain HTTPS (``HF_ENDPOINT`` names a mirror). Every
+download lands in a temporary file that is renamed into place only once
+complete and, when a checksum is known, verified; nothing is left behind on
+failure. When nothing can be downloaded, callers may fall back to a generated
+MODNet with seeded weights (:func:`synthetic_fallback`), which must be announced.
+
+Shared by ``run_npu_inference.py`` and ``inference.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+
+from fileio import atomic_path
+
+DEFAULT_MODEL_ID = "onnx-community/modnet-webnn"
+MODEL_FILE = "onnx/model.onnx"
+KNOWN_SHA256 = {
+    (DEFAULT_MODEL_ID, MODEL_FILE): "07c308cf0fc7e6e8b2065a12ed7fc07e1de8febb7dc7839d7b7f15dd66584df9",
+}
+DEFAULT_MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+SYNTHETIC_WARNING = (
+    "the real MODNet file could not be obtained, so a GENERATED MODNet with seeded "
+    "random weights is used: the pipeline is fully exercised, but its mattes are not "
+    "meaningful portraits"
+)
+
+
+class ModelSourceError(RuntimeError):
+    """The model could not be found, downloaded or verified; the message says which."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    source: str  # "cache", "download", "local", "url" or "synthetic"
+    path: str
+    sha256: str
+    spec: str
+    method: str | None = None  # how it was downloaded: modelscope, huggingface_hub, https
+    warning: str | None = None
+    attempts: tuple[str, ...] = ()  # why each download method failed, when any did
+
+
+def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sha(path: str, expected: str | None, what: str) -> str:
+    actual = sha256_of(path)
+    if expected and actual.lower() != expected.lower():
+        raise ModelSourceError(f"checksum mismatch for {what}: expected sha256 {expected.lower()}, got {actual}")
+    return actual
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            return "connection refused"
+        return str(getattr(reason, "strerror", None) or reason)
+    return str(exc) or type(exc).__name__
+
+
+def download(
+    url: str,
+    dest: str,
+    sha256: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    progress: bool = True,
+) -> str:
+    """Download ``url`` to ``dest`` atomically; returns the file's sha256.
+
+    Retries connection failures, time-outs and truncated transfers with
+    back-off; an HTTP error status or a checksum mismatch is final.
+    """
+    last = "no attempt"
+    for attempt in range(max(1, retries)):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+        try:
+            with atomic_path(dest) as tmp:
+                _fetch(url, tmp, timeout, progress)
+                return _check_sha(tmp, sha256, url)
+        except urllib.error.HTTPError as exc:
+            raise ModelSourceError(f"download of {url} failed: {_reason(exc)}") from None
+        except ModelSourceError as exc:
+            if "checksum" in str(exc):
+                raise
+            last = str(exc)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            last = _reason(exc)
+    raise ModelSourceError(f"download of {url} failed after {max(1, retries)} attempt(s): {last}")
+
+
+def _fetch(url: str, path: str, timeout: float, progress: bool) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "modnet-npu"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        bar = None
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path).split(".part")[0])
+        received = 0
+        try:
+            while True:
+                try:
+                    block = response.read(1 << 16)
+                except Exception as exc:  # http.client.IncompleteRead and friends
+                    raise ModelSourceError(f"transfer broke off after {received} bytes ({type(exc).__name__})") from None
+                if not block:
+                    break
+                out.write(block)
+                received += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+        finally:
+            if bar is not None:
+                bar.close()
+    if total is not None and received != total:
+        raise ModelSourceError(f"download truncated: received {received} of {total} bytes")
+
+
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _via_modelscope(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
+    try:
+        from modelscope.hub.file_download import model_file_download
+    except ImportError:
+        raise ModelSourceError("ModelScope SDK not installed (pip install modelscope)") from None
+    fetched = model_file_download(model_id=model_id, file_path=filename)
+    return _adopt(fetched, dest, sha256)
+
+
+def _via_hf_hub(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ModelSourceError("huggingface_hub not installed (pip install huggingface_hub)") from None
+    fetched = hf_hub_download(repo_id=model_id, filename=filename)
+    return _adopt(fetched, dest, sha256)
+
+
+def _via_https(model_id: str, filename: str, dest: str, sha256: str | None, **kw) -> str:
+    url = f"{_hf_endpoint()}/{model_id}/resolve/main/{filename}"
+    return download(url, dest, sha256, **kw)
+
+
+def _adopt(fetched: str, dest: str, sha256: str | None) -> str:
+    """Copy a file another client downloaded into models/, verified, atomically."""
+    digest = _check_sha(fetched, sha256, fetched)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(fetched, tmp)
+    return digest
+
+
+def cache_path(model_id: str, filename: str = MODEL_FILE, models_dir: str = DEFAULT_MODELS_DIR) -> str:
+    return os.path.join(models_dir, *model_id.split("/"), *filename.split("/"))
+
+
+def resolve_model(
+    spec: str = DEFAULT_MODEL_ID,
+    models_dir: str = DEFAULT_MODELS_DIR,
+    sha256: str | None = None,
+    offline: bool = False,
+    timeout: float = 30.0,
+    retries: int = 3,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda msg: None,
+) -> ModelSource:
+    """Find or fetch the model named by ``spec``; ModelSourceError when impossible."""
+    if spec.startswith(("http://", "https://")):
+        name = os.path.basename(urllib.parse.urlparse(spec).path) or "model.onnx"
+        dest = os.path.join(models_dir, name)
+        if sha256 and os.path.exists(dest) and sha256_of(dest) == sha256.lower():
+            return ModelSource("cache", dest, sha256.lower(), spec)
+        if offline:
+            raise ModelSourceError(f"{spec}: offline, and no verified copy at {dest}")
+        log(f"downloading {spec}")
+        digest = download(spec, dest, sha256, timeout, retries, progress)
+        return ModelSource("url", dest, digest, spec, method="https")
+
+    if os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec):
+        if not os.path.isfile(spec):
+            raise ModelSourceError(f"{spec}: no such file")
+        return ModelSource("local", os.path.abspath(spec), _check_sha(spec, sha256, spec), spec)
+
+    if not _MODEL_ID_RE.match(spec):
+        raise ModelSourceError(f"{spec!r} is neither a file, an http(s) URL nor a model id like {DEFAULT_MODEL_ID}")
+    expected = sha256 or KNOWN_SHA256.get((spec, MODEL_FILE))
+    dest = cache_path(spec, MODEL_FILE, models_dir)
+    if os.path.exists(dest):
+        digest = sha256_of(dest)
+        if expected is None or digest == expected.lower():
+            return ModelSource("cache", dest, digest, spec)
+        log(f"cached {dest} has the wrong sha256; fetching it again")
+    if offline:
+        raise ModelSourceError(f"{spec}: offline, and no verified copy at {dest}")
+    attempts = []
+    methods = (
+        ("modelscope", _via_modelscope, {}),
+        ("huggingface_hub", _via_hf_hub, {}),
+        ("https", _via_https, {"timeout": timeout, "retries": retries, "progress": progress}),
+    )
+    for method, fetch, extra in methods:
+        try:
+            log(f"downloading {spec}/{MODEL_FILE} via {method}")
+            digest = fetch(spec, MODEL_FILE, dest, expected, **extra)
+            return ModelSource("download", dest, digest, spec, method=method, attempts=tuple(attempts))
+        except ModelSourceError as exc:
+            if "checksum" in str(exc):
+                raise
+            attempts.append(f"{method}: {exc}")
+        except Exception as exc:  # third-party clients raise their own types when offline
+            attempts.append(f"{method}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        log(f"  {attempts[-1]}")
+    raise ModelSourceError(f"could not download {spec}: " + "; ".join(attempts))
+
+
+def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str, ...] = ()) -> ModelSource:
+    """A generated MODNet shaped like modnet-webnn (seeded weights), cached under models/."""
+    import synthetic_model
+
+    path = os.path.join(models_dir, "synthetic", f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx")
+    if not os.path.exists(path):
+        synthetic_model.generate(os.path.dirname(path), ["webnn"])
+        os.replace(os.path.join(os.path.dirname(path), "modnet_webnn.onnx"), path)
+    return ModelSource("synthetic", path, sha256_of(path), "synthetic", warning=SYNTHETIC_WARNING, attempts=attempts)
