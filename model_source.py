@@ -45,6 +45,10 @@ SYNTHETIC_WARNING = (
 class ModelSourceError(RuntimeError):
     """The model could not be found, downloaded or verified; the message says which."""
 
+    def __init__(self, message: str, attempts: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -239,7 +243,7 @@ def resolve_model(
         except Exception as exc:  # third-party clients raise their own types when offline
             attempts.append(f"{method}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         log(f"  {attempts[-1]}")
-    raise ModelSourceError(f"could not download {spec}: " + "; ".join(attempts))
+    raise ModelSourceError(f"could not download {spec}: " + "; ".join(attempts), tuple(attempts))
 
 
 def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str, ...] = ()) -> ModelSource:

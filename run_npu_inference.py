@@ -305,6 +305,7 @@ def run(opts: Options) -> dict:
     started = time.perf_counter()
     total = 7
     threads = opts.threads or (os.cpu_count() or 1)
+    device = devices.select_device(opts.device)  # a missing device fails now, not after the slow steps
 
     # 1. model --------------------------------------------------------------
     _step(log, 1, total, f"Model: {opts.model}")
@@ -317,7 +318,7 @@ def run(opts: Options) -> dict:
         if not (opts.synthetic_fallback and is_id and "checksum" not in str(exc)):
             raise
         log("      no download possible; falling back to a generated model")
-        src = synthetic_fallback(opts.models_dir, attempts=(str(exc),))
+        src = synthetic_fallback(opts.models_dir, attempts=exc.attempts or (str(exc),))
     if src.warning:
         log(banner(src.warning))
     log(f"      {src.source}: {src.path} (sha256 {src.sha256[:16]}…)")
@@ -352,7 +353,6 @@ def run(opts: Options) -> dict:
 
     # 4. device -------------------------------------------------------------
     _step(log, 4, total, f"Device: {opts.device}")
-    device = devices.select_device(opts.device)
     settings = devices.prepare(device, strict_fp32=True)
     tag = devices.device_tag(device)
     env = devices.environment(device)

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import run_npu_inference as rni
+from conftest import PORTRAIT
+
+FAST = ["--runs", "3", "--warmup", "1", "--batch-sizes", "1,2"]
+
+REPORT_KEYS = {
+    "model": {"source", "path", "sha256", "opset", "num_weight_tensors", "num_parameters", "input_shape"},
+    "environment": {"python", "torch", "torch_npu", "cann", "onnxruntime", "device_name", "cpu_model", "os"},
+    "input": {"path", "original_size", "model_size"},
+    "accuracy": {"mae", "mse", "psnr_db", "max_error", "pct_pixels_err_lt_1pct", "pct_pixels_err_lt_0_5pct",
+                 "png", "thresholds", "passed"},
+    "memory": {"device_peak_mb", "process_rss_mb"},
+}
+STATS = {"mean_ms", "median_ms", "p90_ms", "p99_ms", "min_ms", "max_ms", "std_ms", "fps", "runs"}
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, flavour_files):
+    """The main command on an offline machine: it must fall back to a generated model."""
+    root = tmp_path_factory.mktemp("main")
+    models = root / "models"
+    # reuse the session's generated webnn file as the cached synthetic model (saves an export)
+    (models / "synthetic").mkdir(parents=True)
+    shutil.copy(flavour_files["webnn"], models / "synthetic" / "modnet_webnn_seed0.onnx")
+    out = root / "output"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = rni.main(["--offline", "--models-dir", str(models), "--output-dir", str(out), *FAST])
+    return code, buf.getvalue(), out
+
+
+def test_offline_main_command_completes_and_says_so(offline_run):
+    code, text, out = offline_run
+    assert code == 0
+    assert text.count("GENERATED MODNet") >= 2  # at the start and at the end
+    report = json.loads((out / "evaluation_report.json").read_text())
+    for section, keys in REPORT_KEYS.items():
+        assert keys <= set(report[section]), (section, keys - set(report[section]))
+    assert report["model"]["source"] == "synthetic" and "GENERATED" in report["model"]["warning"]
+    assert report["accuracy"]["max_error"] <= 1e-4 and report["accuracy"]["passed"] is True
+    perf = report["performance"]
+    assert STATS <= set(perf["ort_cpu"]) and STATS <= set(perf["torch_cpu"])
+    assert {"speedup_mean", "speedup_median", "throughput"} <= set(perf)
+    assert [t["batch_size"] for t in perf["throughput"]] == [1, 2]
+    assert {"timestamp", "duration_s", "outputs"} <= set(report)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(report["outputs"])
+    assert {"test_input.png", "matte_ort_cpu.png", "matte_cpu.png", "comparison.png", "benchmark.png"} <= set(files)
+    assert "| MAE" in text and "median latency" in text
+
+
+def test_local_dynamic_file_at_another_size(tmp_path, flavour_files, capsys):
+    out = tmp_path / "o"
+    code = rni.main(["--model", flavour_files["official"], "--size", "320x480", "--output-dir", str(out),
+                     "--batch-sizes", "1", "--runs", "2", "--warmup", "0"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "evaluation_report.json").read_text())
+    assert report["model"]["source"] == "local" and report["input"]["model_size"] == [320, 480]
+    assert report["accuracy"]["max_error"] <= 1e-4
+
+
+def test_parity_failure_exits_non_zero(tmp_path, webnn_file, capsys):
+    code = rni.main(["--model", webnn_file, "--mae-threshold", "0", "--output-dir", str(tmp_path),
+                     "--batch-sizes", "1", "--runs", "1", "--warmup", "0"])
+    assert code == 2 and "parity FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--device", "npu"], "torch_npu"),
+    (["--device", "tpu"], "unknown device"),
+    (["--image", "/nonexistent.jpg"], "no such file"),
+])
+def test_clear_one_line_errors(args, expect, tmp_path, webnn_file, capsys):
+    code = rni.main(["--model", webnn_file, "--output-dir", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and expect in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_missing_is_a_clear_error(tmp_path, webnn_file, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    assert rni.main(["--model", webnn_file, "--device", "cuda", "--output-dir", str(tmp_path)]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_notebook_example_from_the_seed(webnn_file, seeded_model):
+    import torch
+    from run_npu_inference import build_torch_model_from_onnx, postprocess, preprocess
+
+    model = build_torch_model_from_onnx(webnn_file)
+    model.eval()
+    model = model.to(torch.device("cpu"))
+    input_data, orig_size = preprocess(str(PORTRAIT))
+    assert input_data.shape == (1, 3, 256, 256) and orig_size == (512, 512)
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_data).to("cpu"))
+    matte = postprocess(output.cpu().numpy(), orig_size)
+    assert matte.dtype == np.uint8 and matte.shape == (512, 512)
+    with torch.no_grad():
+        ref = postprocess(seeded_model(torch.from_numpy(input_data)).numpy(), orig_size)
+    assert np.abs(matte.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_error_metrics_are_right():
+    a = np.zeros((10, 10), np.float32)
+    b = a.copy()
+    b[0, 0] = 0.5
+    m = rni.error_metrics(a, b)
+    assert m.max_error == 0.5 and m.mae == pytest.approx(0.005) and m.mse == pytest.approx(0.0025)
+    assert m.psnr_db == pytest.approx(10 * np.log10(1 / 0.0025))
+    assert m.pct_pixels_err_lt_1pct == pytest.approx(99.0)
+    assert rni.error_metrics(a, a).psnr_db == float("inf")
+
+
+def test_latency_stats():
+    s = rni.latency_stats([10.0, 20.0, 30.0, 40.0])
+    assert s.mean_ms == 25 and s.median_ms == 25 and s.min_ms == 10 and s.max_ms == 40 and s.fps == 40
