@@ -14,6 +14,12 @@ import tempfile
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str], suffix: str = ".part") -> Iterator[str]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success."""
@@ -24,6 +30,7 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = ".part") -> Iterator
     base, ext = os.path.splitext(os.path.basename(dest))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f"{suffix}{ext}", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, dest)

@@ -114,6 +114,15 @@ def official_size(height: int, width: int, reference: int = REFERENCE_SIZE) -> S
     return max(SIZE_MULTIPLE, h - h % SIZE_MULTIPLE), max(SIZE_MULTIPLE, w - w % SIZE_MULTIPLE)
 
 
+def short_side_size(height: int, width: int, short_side: int) -> Size:
+    """Scale so the short side is ``short_side``, then round each side down to a multiple of 32."""
+    if short_side < SIZE_MULTIPLE:
+        raise ValueError(f"short side must be at least {SIZE_MULTIPLE}, got {short_side}")
+    scale = short_side / min(height, width)
+    h, w = int(height * scale), int(width * scale)
+    return max(SIZE_MULTIPLE, h - h % SIZE_MULTIPLE), max(SIZE_MULTIPLE, w - w % SIZE_MULTIPLE)
+
+
 def resolve_size(size: int | Size | str, height: int, width: int) -> Size:
     """``'auto'`` -> the official rule; an int -> square; a pair -> itself (checked)."""
     if isinstance(size, str):
@@ -175,3 +184,84 @@ def to_uint8(matte: np.ndarray) -> np.ndarray:
 def postprocess(output: np.ndarray, original_size: Size) -> np.ndarray:
     """Model output ``[1, 1, h, w]`` -> 8-bit matte ``(H, W)`` at the original size."""
     return to_uint8(matte_to_size(output, original_size))
+
+
+# --------------------------------------------------------------------------
+# what is made from a matte
+# --------------------------------------------------------------------------
+
+
+def cutout(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """RGBA uint8 (H, W, 4): the image with the matte as its alpha channel."""
+    _check_pair(rgb, alpha)
+    return np.concatenate([rgb, to_uint8(alpha)[..., None]], axis=2)
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'#00ff00', '#0f0', 'white', 'rgb(0,255,0)' ... -> (r, g, b); ValueError naming the text."""
+    from PIL import ImageColor
+
+    try:
+        return tuple(ImageColor.getrgb(text.strip())[:3])  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a colour (try '#00ff00' or 'white')") from None
+
+
+def cover(background: np.ndarray, size: Size) -> np.ndarray:
+    """Scale ``background`` to cover ``size`` (keeping its aspect) and crop the centre."""
+    h, w = size
+    bh, bw = background.shape[:2]
+    scale = max(h / bh, w / bw)
+    nh, nw = max(h, round(bh * scale)), max(w, round(bw * scale))
+    resized = np.asarray(Image.fromarray(background).resize((nw, nh), Image.Resampling.BILINEAR))
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return resized[top : top + h, left : left + w]
+
+
+def blurred(rgb: np.ndarray, radius: float | None = None) -> np.ndarray:
+    """The image itself, Gaussian-blurred (radius ~2% of its longer side by default)."""
+    r = radius if radius is not None else max(2.0, 0.02 * max(rgb.shape[:2]))
+    return np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(r)))
+
+
+def make_background(spec: str | np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """A background for ``rgb``: 'blur', a colour, an image path, or an array (scaled to cover)."""
+    size = rgb.shape[:2]
+    if isinstance(spec, np.ndarray):
+        return cover(load_image(spec), size)
+    if spec == "blur":
+        return blurred(rgb)
+    if os.path.exists(spec):
+        return cover(load_image(spec), size)
+    color = parse_color(spec)
+    return np.broadcast_to(np.array(color, np.uint8), (*size, 3))
+
+
+def composite(rgb: np.ndarray, alpha: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """alpha * image + (1 - alpha) * background, uint8 RGB."""
+    _check_pair(rgb, alpha)
+    if background.shape[:2] != rgb.shape[:2]:
+        background = cover(background, rgb.shape[:2])
+    a = np.clip(alpha, 0, 1)[..., None].astype(np.float32)
+    out = rgb.astype(np.float32) * a + background[..., :3].astype(np.float32) * (1 - a)
+    return np.round(out).astype(np.uint8)
+
+
+def _check_pair(rgb: np.ndarray, alpha: np.ndarray) -> None:
+    if rgb.shape[:2] != alpha.shape[:2]:
+        raise ValueError(f"image {rgb.shape[:2]} and matte {alpha.shape[:2]} differ in size")
+
+
+def one_frame_delay(prev: np.ndarray, cur: np.ndarray, nxt: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """MODNet's one-frame-delay (OFD) trick against flicker.
+
+    Where the previous and next frames agree and the current one differs from
+    both by more than ``threshold``, the current value is a flicker: replace it
+    by the neighbours' mean.
+    """
+    agree = np.abs(prev - nxt) <= threshold
+    off = (np.abs(cur - prev) > threshold) & (np.abs(cur - nxt) > threshold)
+    fix = agree & off
+    out = cur.copy()
+    out[fix] = 0.5 * (prev[fix] + nxt[fix])
+    return out
