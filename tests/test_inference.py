@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import inference
+from conftest import PORTRAIT, ROOT
+from imaging import to_uint8
+
+
+@pytest.fixture(scope="module")
+def matter(webnn_file):
+    return inference.Matter(webnn_file, backend="torch", device="cpu", size=256)
+
+
+def test_matte_cutout_composite_on_the_portrait(matter, tmp_path):
+    alpha = matter.matte(str(PORTRAIT))
+    assert alpha.shape == (512, 512) and alpha.dtype == np.float32 and 0 <= alpha.min() and alpha.max() <= 1
+    rgba = matter.cutout(Image.open(PORTRAIT))  # a PIL image works too
+    assert rgba.shape == (512, 512, 4) and np.array_equal(rgba[..., 3], to_uint8(alpha))
+    rgb = np.asarray(Image.open(PORTRAIT))
+    backdrop = tmp_path / "bg.png"
+    Image.fromarray(np.full((100, 300, 3), (10, 20, 30), np.uint8)).save(backdrop)
+    for bg in ("#00ff00", "white", str(backdrop), "blur"):
+        out = matter.composite(rgb, bg)
+        assert out.shape == (512, 512, 3) and out.dtype == np.uint8
+    green = matter.composite(rgb, "#00ff00").astype(float)
+    expect = rgb * alpha[..., None] + np.array([0, 255, 0]) * (1 - alpha[..., None])
+    assert np.abs(green - expect).max() <= 1.0
+
+
+def test_torch_and_ort_agree_within_one_level(webnn_file, matter):
+    ort = inference.Matter(webnn_file, backend="ort")
+    assert ort.backend.fixed_size == (256, 256)
+    a = to_uint8(matter.matte(str(PORTRAIT))).astype(int)
+    b = to_uint8(ort.matte(str(PORTRAIT))).astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def _mixed_folder(root: Path) -> None:
+    base = Image.open(PORTRAIT)
+    sub = root / "sub"
+    sub.mkdir(parents=True)
+    small = base.resize((96, 72))
+    Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257)).save(root / "gray16.png")
+    small.convert("CMYK").save(root / "cmyk.jpg")
+    rgba = small.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    small.save(root / "rotated.jpg", exif=exif.tobytes())
+    base.resize((4000, 3000)).save(root / "big.jpg", quality=80)
+    base.resize((47, 33)).save(root / "tiny.png")
+    small.convert("P").save(root / "palette.png")
+    small.convert("L").save(root / "gray.jpg")
+    small.save(root / "photo.webp")
+    small.save(root / "photo.bmp")
+    small.save(sub / "photo.tiff")
+    for i in range(9):
+        base.resize((80 + 8 * i, 64)).save(sub / f"frame{i}.jpg")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "notes.txt").write_text("not an image, ignored")
+
+
+def test_folder_of_mixed_images_with_one_corrupt(tmp_path, webnn_file, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _mixed_folder(src)
+    code = inference.main([str(src), "-o", str(out), "--recursive", "--model", webnn_file, "--size", "256",
+                           "--device", "cpu", "--mode", "matte", "--batch", "4"])
+    err = capsys.readouterr().err
+    outputs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert code == 1
+    assert len(outputs) == 20 and "sub/frame3_matte.png" in outputs and "big_matte.png" in outputs
+    # photo.webp and photo.bmp share a stem: their extensions keep them apart
+    assert "photo_webp_matte.png" in outputs and "photo_bmp_matte.png" in outputs
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "corrupt.jpg" in errors[0]
+    assert "20 succeeded, 1 failed" in err
+    assert Image.open(out / "big_matte.png").size == (4000, 3000)
+    assert Image.open(out / "rotated_matte.png").size == (72, 96)
+    assert Image.open(out / "tiny_matte.png").size == (47, 33)
+    # a second run leaves existing outputs alone
+    code = inference.main([str(src / "tiny.png"), "-o", str(out), "--model", webnn_file, "--mode", "matte"])
+    assert code == 0 and "skipped" in capsys.readouterr().err
+
+
+def _make_video(path: Path, frames: int = 12, fps: int = 24) -> None:
+    import av
+
+    base = np.asarray(Image.open(PORTRAIT).resize((96, 64)))
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+        a = out.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        for i in range(frames):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
+                out.mux(p)
+        t = np.arange(int(16000 * frames / fps)) / 16000
+        tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for k in range(0, len(tone), 1024):
+            chunk = tone[k : k + 1024]
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, k
+            for p in a.encode(frame):
+                out.mux(p)
+        for s in (v, a):
+            for p in s.encode():
+                out.mux(p)
+
+
+def test_video_keeps_frames_rate_audio_and_alpha(tmp_path, webnn_file, capsys):
+    import av
+
+    clip = tmp_path / "clip.mp4"
+    _make_video(clip)
+    out = tmp_path / "out"
+    code = inference.main([str(clip), "-o", str(out), "--model", webnn_file, "--device", "cpu", "--size", "64",
+                           "--mode", "matte", "--mode", "cutout", "--batch", "5", "--temporal"])
+    assert code == 0, capsys.readouterr().err
+    for name in ("clip_matte.mp4", "clip_cutout.mov"):
+        with av.open(str(out / name)) as c:
+            v = c.streams.video[0]
+            assert v.average_rate == 24
+            assert len(c.streams.audio) == 1
+            frames = list(c.decode(video=0))
+            assert len(frames) == 12
+            if name.endswith(".mov"):
+                alpha = frames[0].to_ndarray(format="rgba")[..., 3]
+                assert alpha.std() > 1 and 0 < alpha.mean() < 255
+
+
+def test_stdin_to_stdout(webnn_file):
+    data = PORTRAIT.read_bytes()
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "-", "--mode", "matte", "--model", webnn_file,
+                           "--size", "256", "--device", "cpu"], input=data, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    img = Image.open(io.BytesIO(proc.stdout))
+    assert img.mode == "L" and img.size == (512, 512)
+
+
+@pytest.mark.parametrize("args,code,expect", [
+    (["x.jpg"], 2, "--output-dir is required"),
+    (["-", "--mode", "matte", "--mode", "cutout"], 2, "exactly one --mode"),
+    (["x.jpg", "-o", "o", "--background", "greenish"], 1, "not a colour"),
+    (["x.jpg", "-o", "o", "--backend", "ort", "--device", "cuda"], 1, "ort backend runs on the CPU"),
+    (["x.jpg", "-o", "o", "--device", "npu"], 1, "torch_npu"),
+])
+def test_bad_arguments_are_one_line_errors(args, code, expect, webnn_file, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert inference.main([*args, "--model", webnn_file]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err
+
+
+def test_missing_input_is_reported_and_others_processed(tmp_path, webnn_file, capsys):
+    code = inference.main([str(tmp_path / "nope.jpg"), str(PORTRAIT), "-o", str(tmp_path / "o"),
+                           "--model", webnn_file, "--size", "128", "--mode", "matte"])
+    assert code == 1 and (tmp_path / "o" / "portrait_astronaut_matte.png").exists()
+    assert "nope.jpg: no such file" in capsys.readouterr().err
+
+
+def test_missing_model_does_not_silently_use_a_generated_one(tmp_path, capsys):
+    code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--offline", "--models-dir", str(tmp_path / "m")])
+    assert code == 1 and "offline" in capsys.readouterr().err
