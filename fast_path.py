@@ -1,12 +1,14 @@
 """Ways to run a MODNet module faster, whatever the device: graph capture for
 fixed shapes (CUDA graphs, the NPU's graphs, or ``torch.accelerator.Graph``),
-``torch.compile`` with a persistent cache, and batch-parallel execution on CPUs.
+compilation (AOTInductor packages cached on disk; torchair on NPU), and
+batch-parallel execution on CPUs.
 
 :func:`make_runner` puts them together; each piece also stands alone. Device
 specifics come from ``devices``; everything here takes a ``torch.device``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -17,8 +19,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fileio import atomic_path
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_COMPILE_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", ".compile-cache")
+# a cache folder the user chose before starting wins over ours (read now: inductor
+# writes its own default into the environment once it has looked)
+_USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 # --------------------------------------------------------------------------
@@ -122,38 +129,87 @@ class GraphCache:
 
 
 # --------------------------------------------------------------------------
-# torch.compile
+# compilation
 # --------------------------------------------------------------------------
 
 
-class CompileUnavailable(RuntimeError):
-    pass
+class FastPathError(RuntimeError):
+    """A fast-path option this device or installation cannot honour."""
 
 
-def compile_model(model: nn.Module, device: torch.device, cache_dir: str = DEFAULT_COMPILE_CACHE) -> nn.Module:
-    """``torch.compile`` for inference: inductor with freezing on CPU/CUDA, torchair on NPU.
 
-    Inductor's artefacts go to ``cache_dir`` (kept between runs), so a second
-    run loads compiled kernels instead of compiling them again.
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of a model's tensors and their names: the cache key of its compiled forms."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class AotCompiled:
+    """``model`` compiled ahead of time by AOTInductor, one package per input shape.
+
+    Packages (``.pt2``) are written to ``cache_dir`` under a name made of the
+    weights' hash, the device, the shape, the dtype and the torch version, so a
+    later run loads the compiled kernels in a second or two instead of compiling
+    again (a minute or more on two CPU cores). Inductor's freezing makes the
+    weights constants, folded and pre-packed for the device's kernels.
     """
-    os.makedirs(cache_dir, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+
+    def __init__(self, model: nn.Module, device: torch.device, cache_dir: str,
+                 log: Callable[[str], None] = lambda m: None) -> None:
+        self.model, self.device, self.cache_dir, self.log = model, device, cache_dir, log
+        self.digest = weights_digest(model)
+        self.loaded: dict[tuple, Callable] = {}
+        self.compiled_now = 0
+        self.from_cache = 0
+
+    def package_path(self, x: torch.Tensor) -> str:
+        shape = "x".join(str(d) for d in x.shape)
+        dtype = str(x.dtype).removeprefix("torch.")
+        version = torch.__version__.replace("+", "_")
+        return os.path.join(self.cache_dir, f"modnet-{self.digest}-{self.device.type}-{shape}-{dtype}-torch{version}.pt2")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        fn = self.loaded.get(key)
+        if fn is None:
+            path = self.package_path(x)
+            if os.path.exists(path):
+                self.from_cache += 1
+            else:
+                self.log(f"compiling for input {tuple(x.shape)} (once; cached in {self.cache_dir})")
+                with torch.inference_mode():
+                    program = torch.export.export(self.model, (x,))
+                with atomic_path(path) as tmp:
+                    torch._inductor.aoti_compile_and_package(
+                        program, package_path=tmp, inductor_configs={"freezing": True})
+                self.compiled_now += 1
+            fn = torch._inductor.aoti_load_package(path)
+            self.loaded[key] = fn
+        return fn(x)
+
+
+def compile_model(model: nn.Module, device: torch.device, cache_dir: str = DEFAULT_COMPILE_CACHE,
+                  log: Callable[[str], None] = lambda m: None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Compile for inference: AOTInductor packages on CPU/CUDA (cached), torchair on NPU."""
     if device.type == "npu":
         try:
             import torchair
         except ImportError:
-            raise CompileUnavailable(
+            raise FastPathError(
                 "--compile on NPU needs torchair (shipped with recent torch_npu; pip install torchair)"
             ) from None
         backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
         return torch.compile(model, backend=backend, dynamic=False)
-    if device.type == "mps":
-        raise CompileUnavailable("--compile is not supported on MPS here; run without it")
-    import torch._inductor.config as inductor_config
-
-    # weights become constants: folded and pre-packed for the CPU's kernels
-    inductor_config.freezing = True
-    return torch.compile(model, backend="inductor", dynamic=False)
+    if device.type not in ("cpu", "cuda"):
+        raise FastPathError(f"--compile is not supported on {device.type}; run without it")
+    os.makedirs(cache_dir, exist_ok=True)
+    # inductor's own scratch files go beside our packages (a folder the user chose wins)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_CACHE_DIR or os.path.join(cache_dir, "inductor")
+    return AotCompiled(model, device, cache_dir, log)
 
 
 # --------------------------------------------------------------------------
@@ -220,6 +276,8 @@ def make_runner(
     graphs: str = "auto",
     threads: int = 0,
     max_graphs: int = 4,
+    cache_dir: str = DEFAULT_COMPILE_CACHE,
+    log: Callable[[str], None] = lambda m: None,
 ) -> Runner:
     """The fastest way to call ``model`` on ``device`` that the options allow.
 
@@ -230,12 +288,12 @@ def make_runner(
     fn: Forward = model
     pieces: list[str] = []
     if compile:
-        fn = compile_model(model, device)
-        pieces.append("torch.compile")
+        fn = compile_model(model, device, cache_dir, log)
+        pieces.append("compiled")
     cache = None
     factory = graph_factory(device) if graphs != "off" and not compile else None
     if graphs == "on" and factory is None and not compile:
-        raise RuntimeError(f"graph capture is not available on {device.type}")
+        raise FastPathError(f"graph capture is not available on {device.type}")
     if factory is not None:
         cache = GraphCache(fn, factory, max_graphs)
         fn = cache

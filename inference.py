@@ -58,29 +58,34 @@ FORMATS = ("png", "jpg", "webp")
 
 
 class TorchBackend:
-    """The converted PyTorch MODNet on a device."""
+    """The converted PyTorch MODNet (inference form) on a device, through the fast path."""
 
     name = "torch"
 
-    def __init__(self, onnx_path: str, device: str = "auto", precision: str = "fp32", threads: int = 0) -> None:
+    def __init__(self, onnx_path: str, device: str = "auto", precision: str = "fp32", threads: int = 0,
+                 compile: bool = False, graphs: str = "auto") -> None:
         import torch
 
         import devices
         from convert_onnx_to_torch import build_torch_model_from_onnx
+        from fast_path import make_runner
+        from modnet_fast import with_precision
 
         self.torch = torch
         self.device = devices.select_device(device)
-        if self.device.type == "cpu" and threads:
+        threads = threads or (os.cpu_count() or 1)
+        if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.model = build_torch_model_from_onnx(onnx_path).to(self.device, self.dtype).eval()
+            devices.tune_cpu_allocator()
+        model = build_torch_model_from_onnx(onnx_path, self.device)
+        self.model, self.dtype = with_precision(model, precision)
+        self.runner = make_runner(self.model, self.device, compile=compile, graphs=graphs, threads=threads)
         self.fixed_size: Size | None = None  # any multiple of 32
-        self.description = f"PyTorch on {self.device} ({precision})"
+        self.description = f"PyTorch on {self.device} ({precision}; {self.runner.describe})"
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            t = self.torch.from_numpy(x).to(self.device, self.dtype)
-            return self.model(t).float().cpu().numpy()[:, 0]
+        t = self.torch.from_numpy(x).to(self.device, self.dtype)
+        return self.runner(t).float().cpu().numpy()[:, 0]
 
 
 class OrtBackend:
@@ -88,7 +93,8 @@ class OrtBackend:
 
     name = "ort"
 
-    def __init__(self, onnx_path: str, device: str = "cpu", precision: str = "fp32", threads: int = 0) -> None:
+    def __init__(self, onnx_path: str, device: str = "cpu", precision: str = "fp32", threads: int = 0,
+                 compile: bool = False, graphs: str = "auto") -> None:
         import onnxruntime as ort
 
         if device not in ("auto", "cpu"):
@@ -114,6 +120,26 @@ class OrtBackend:
 
 
 BACKENDS: dict[str, type] = {"torch": TorchBackend, "ort": OrtBackend}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def choose_backend(backend: str, device: str) -> tuple[str, str]:
+    """``auto``: PyTorch when an accelerator is there (or asked for), ONNX Runtime on a CPU-only machine.
+
+    On a CPU, ONNX Runtime is the faster engine for MODNet (README, benchmark.py
+    engines); on an accelerator, PyTorch is the one that uses it. Returns
+    (backend, why).
+    """
+    if backend != "auto":
+        return backend, "asked for"
+    if device != "auto":  # a device is a PyTorch choice, the CPU included
+        return "torch", f"device {device} asked for"
+    import devices
+
+    chosen = devices.select_device("auto")
+    if chosen.type == "cpu":
+        return "ort", "no accelerator found: ONNX Runtime is the faster engine on a CPU"
+    return "torch", f"accelerator {chosen} found"
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +153,7 @@ class Matter:
     def __init__(
         self,
         model: str = DEFAULT_MODEL_ID,
-        backend: str = "torch",
+        backend: str = "auto",
         device: str = "auto",
         precision: str = "fp32",
         size: int | str = "auto",
@@ -136,10 +162,13 @@ class Matter:
         sha256: str | None = None,
         offline: bool = False,
         allow_synthetic: bool = False,
+        compile: bool = False,
+        graphs: str = "auto",
         log: Callable[[str], None] = lambda msg: None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
+        backend, self.backend_reason = choose_backend(backend, device)
         try:
             self.source = resolve_model(model, models_dir, sha256, offline, log=log)
         except ModelSourceError as exc:
@@ -147,7 +176,7 @@ class Matter:
                 raise
             self.source = synthetic_fallback(models_dir, attempts=exc.attempts)
             log(f"WARNING: {self.source.warning}")
-        self.backend = BACKENDS[backend](self.source.path, device, precision, threads)
+        self.backend = BACKENDS[backend](self.source.path, device, precision, threads, compile, graphs)
         self.size = size
 
     def model_size(self, height: int, width: int) -> Size:
@@ -442,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to write (repeatable): matte = 8-bit alpha, cutout = RGBA, composite = over --background "
                         "(default: cutout)")
     p.add_argument("--background", default="white", help="composite background: a colour (#00ff00, white), an image file, or blur")
-    p.add_argument("--backend", choices=list(BACKENDS), default="torch", help="inference engine")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="inference engine; auto = PyTorch on an accelerator, ONNX Runtime on a CPU-only machine")
     p.add_argument("--device", default="auto", help="auto|npu[:N]|cuda[:N]|mps|cpu (torch backend)")
     p.add_argument("--model", default=DEFAULT_MODEL_ID, help="local .onnx path, http(s) URL, or model id")
     p.add_argument("--sha256", default=None, help="expected sha256 of the model file")
@@ -456,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model input: auto (MODNet's rule: short side to 512 when larger, sides down to multiples of 32) "
                         "or N (short side to N); a static ONNX graph on ort uses its own size")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    p.add_argument("--compile", action="store_true", help="torch backend: compile (AOTInductor on CPU/CUDA, cached per input shape; torchair on NPU)")
+    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                   help="torch backend: capture graphs of repeated shapes on CUDA/NPU")
     p.add_argument("--format", choices=FORMATS, default="png", help="image output format (cutouts stay PNG when jpg is asked)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -516,14 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             parse_color(args.background)
         matter = Matter(args.model, args.backend, args.device, args.precision, size, args.threads,
-                        args.models_dir, args.sha256, args.offline, args.allow_synthetic, log=info)
+                        args.models_dir, args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs,
+                        log=lambda m: print(m, file=sys.stderr) if not args.quiet else None)
     except Exception as exc:  # noqa: BLE001  (setup errors become one line; see below)
         if isinstance(exc, (ModelSourceError, ValueError, OSError, ImageReadError)) or type(exc).__name__ in (
-            "DeviceError", "ConversionError", "OnnxReadError"):
+            "DeviceError", "ConversionError", "OnnxReadError", "FastPathError"):
             err(str(exc))
             return 1
         raise
-    info(f"matting with {matter.backend.description}; model {matter.source.path} ({matter.source.source})")
+    info(f"backend {matter.backend.name} ({matter.backend_reason}): {matter.backend.description}; "
+         f"model {matter.source.path} ({matter.source.source})")
     if stdin:
         try:
             return _stdin_mode(matter, modes[0], args.background)

@@ -26,8 +26,10 @@ import torch
 
 import devices
 from convert_onnx_to_torch import ConversionError, build_torch_model_from_onnx, convert
+from fast_path import FastPathError, make_runner
 from fileio import write_image, write_json
 from imaging import ImageReadError, load_image, normalize, postprocess, preprocess, resize_rgb, resolve_size, to_uint8
+from modnet_fast import count_ops, optimize, with_precision
 from model_source import DEFAULT_MODEL_ID, ModelSource, ModelSourceError, resolve_model, synthetic_fallback
 from weight_extractor import OnnxReadError, read_weights
 
@@ -35,7 +37,7 @@ __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "main"]
 
 DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "portrait_astronaut.jpg")
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 # --------------------------------------------------------------------------
@@ -117,6 +119,8 @@ class Performance:
     speedup_median: float
     threads: int
     model_form: str
+    fast_path: str
+    operators: dict[str, dict[str, int]]
     interleaved: bool = True
 
 
@@ -179,23 +183,24 @@ def ort_session(path: str, threads: int):
 
 
 class TorchRunner:
-    """The PyTorch model on a device at a precision; returns float32 numpy output."""
+    """The PyTorch model on a device at a precision, through the fast path; float32 numpy out."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str) -> None:
-        self.device, self.dtype = device, PRECISIONS[precision]
-        self.model = model.to(device=device, dtype=self.dtype).eval()
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, compile: bool = False,
+                 graphs: str = "auto", threads: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
+        self.device = device
+        model = model.to(device).eval()
+        self.model, self.dtype = with_precision(model, precision)
+        self.fast = make_runner(self.model, device, compile=compile, graphs=graphs, threads=threads, log=log)
 
-    @torch.inference_mode()
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
-        return self.model(t).float().cpu().numpy()
+        return self.fast(t).float().cpu().numpy()
 
-    @torch.inference_mode()
     def timed(self, x: torch.Tensor) -> float:
         """Milliseconds for one forward of an on-device tensor, synchronised."""
         devices.synchronize(self.device)
         start = time.perf_counter()
-        self.model(x)
+        self.fast(x)
         devices.synchronize(self.device)
         return (time.perf_counter() - start) * 1000.0
 
@@ -278,6 +283,9 @@ class Options:
     warmup: int = 3
     batch_sizes: tuple[int, ...] = (1, 8)
     threads: int = 0
+    model_form: str = "optimized"
+    compile: bool = False
+    graphs: str = "auto"
     mae_threshold: float = 1e-3
     max_threshold: float = 5e-2
     output_dir: str = DEFAULT_OUTPUT
@@ -360,7 +368,15 @@ def run(opts: Options) -> dict:
         + (f", {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""))
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    runner = TorchRunner(conversion.model, device, opts.precision)
+        devices.tune_cpu_allocator()
+    model = optimize(conversion.model) if opts.model_form == "optimized" else conversion.model
+    probe = torch.zeros(1, 3, *size)
+    operators = {form: dict(zip(("total", "kernels"), count_ops(m, probe)[:2]))
+                 for form, m in (("faithful", conversion.model), ("optimized", optimize(conversion.model)))}
+    runner = TorchRunner(model, device, opts.precision, opts.compile, opts.graphs, threads,
+                         log=lambda m: log("      " + m))
+    log(f"      model form {opts.model_form} ({operators[opts.model_form]['kernels']} kernel launches per "
+        f"forward, faithful {operators['faithful']['kernels']}); fast path: {runner.fast.describe}")
 
     # 5. parity -------------------------------------------------------------
     _step(log, 5, total, f"Parity: ONNX Runtime CPU vs PyTorch {tag} on {os.path.basename(opts.image)}")
@@ -411,7 +427,7 @@ def run(opts: Options) -> dict:
     performance = Performance(
         ort_cpu=ort_stats, torch=dev_stats, torch_key=f"torch_{tag}", throughput=throughput,
         speedup_mean=ort_stats.mean_ms / dev_stats.mean_ms, speedup_median=ort_stats.median_ms / dev_stats.median_ms,
-        threads=threads, model_form="faithful",
+        threads=threads, model_form=opts.model_form, fast_path=runner.fast.describe, operators=operators,
     )
     rss, peak_rss = devices.process_rss_mb()
     memory = Memory(devices.peak_memory_mb(device), rss, peak_rss)
@@ -482,6 +498,8 @@ def _performance_dict(p: Performance) -> dict:
         "speedup_median": p.speedup_median,
         "threads": p.threads,
         "model_form": p.model_form,
+        "fast_path": p.fast_path,
+        "operators": p.operators,
         "interleaved": p.interleaved,
     }
 
@@ -574,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs per engine")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 8), help="throughput batch sizes, e.g. 1,8")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both engines (0 = all cores)")
+    p.add_argument("--model-form", choices=("optimized", "faithful"), default="optimized",
+                   help="PyTorch model measured: the inference form (BatchNorms folded, fewer launches) or the "
+                        "module-for-module port")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the PyTorch side: AOTInductor on CPU/CUDA (packages cached in models/.compile-cache, "
+                        "so only the first run per input shape pays), torchair on NPU")
+    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                   help="graph capture of fixed shapes on CUDA/NPU (auto: where available)")
     p.add_argument("--mae-threshold", type=float, default=1e-3, help="parity passes below this MAE")
     p.add_argument("--max-threshold", type=float, default=5e-2, help="parity passes below this max error")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where the outputs go")
@@ -590,11 +616,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device, precision=args.precision, runs=args.runs, warmup=args.warmup,
         batch_sizes=args.batch_sizes, threads=args.threads, mae_threshold=args.mae_threshold,
         max_threshold=args.max_threshold, output_dir=args.output_dir, timeout=args.timeout, retries=args.retries,
+        model_form=args.model_form, compile=args.compile, graphs=args.graphs,
     )
     try:
         report = run(opts)
     except (ModelSourceError, OnnxReadError, ConversionError, devices.DeviceError, ImageReadError,
-            ValueError, OSError) as exc:
+            FastPathError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

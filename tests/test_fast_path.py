@@ -67,7 +67,7 @@ def test_no_factory_on_cpu_means_eager():
     assert fp.graph_factory(torch.device("cpu")) is None
     runner = fp.make_runner(torch.nn.Identity(), torch.device("cpu"), graphs="auto", threads=1)
     assert runner.describe == "eager" and runner.graphs is None
-    with pytest.raises(RuntimeError, match="not available on cpu"):
+    with pytest.raises(fp.FastPathError, match="not available on cpu"):
         fp.make_runner(torch.nn.Identity(), torch.device("cpu"), graphs="on")
 
 
@@ -94,3 +94,36 @@ def test_cuda_graph_capture_matches_eager(seeded_model):
         out = runner(x)
     assert runner.graphs.captures == 1 and runner.graphs.replays >= 2
     assert float((out - ref).abs().max()) <= 1e-5
+
+
+def test_compiled_package_is_cached_and_reused(seeded_model, tmp_path):
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("AOTInductor needs a C++ compiler")
+    fast = optimize(copy.deepcopy(seeded_model))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = fast(x)
+    first = fp.compile_model(fast, torch.device("cpu"), str(tmp_path))
+    with torch.inference_mode():
+        out = first(x)
+    assert first.compiled_now == 1 and float((out - ref).abs().max()) <= 1e-4
+    packages = list(tmp_path.glob("modnet-*-cpu-1x3x64x64-float32-*.pt2"))
+    assert len(packages) == 1
+    # a new process would find the package: no second compilation
+    second = fp.compile_model(fast, torch.device("cpu"), str(tmp_path))
+    with torch.inference_mode():
+        again = second(x)
+    assert second.compiled_now == 0 and second.from_cache == 1
+    assert torch.allclose(again, out, atol=1e-6)
+    # other weights, other package
+    other = optimize(copy.deepcopy(seeded_model))
+    with torch.no_grad():
+        other.conv_f[1].conv.bias.add_(1.0)
+    assert fp.weights_digest(other) != fp.weights_digest(fast)
+
+
+def test_compile_refuses_mps():
+    with pytest.raises(fp.FastPathError, match="not supported on mps"):
+        fp.compile_model(torch.nn.Identity(), torch.device("mps"))

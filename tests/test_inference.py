@@ -170,3 +170,22 @@ def test_missing_input_is_reported_and_others_processed(tmp_path, webnn_file, ca
 def test_missing_model_does_not_silently_use_a_generated_one(tmp_path, capsys):
     code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--offline", "--models-dir", str(tmp_path / "m")])
     assert code == 1 and "offline" in capsys.readouterr().err
+
+
+def test_auto_backend_choice(monkeypatch):
+    import devices
+    import torch
+
+    assert inference.choose_backend("ort", "auto")[0] == "ort"
+    assert inference.choose_backend("auto", "cpu")[0] == "torch"
+    monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cpu"))
+    backend, why = inference.choose_backend("auto", "auto")
+    assert backend == "ort" and "faster engine" in why
+    monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cuda", 0))
+    assert inference.choose_backend("auto", "auto")[0] == "torch"
+
+
+def test_cli_prints_the_backend_it_chose(tmp_path, webnn_file, capsys):
+    code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--model", webnn_file, "--mode", "matte"])
+    err = capsys.readouterr().err
+    assert code == 0 and "backend" in err and "ONNX Runtime" in err
