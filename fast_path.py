@@ -243,8 +243,9 @@ class BatchParallel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is None or x.shape[0] < 2:
             return self.fn(x)
-        chunks = x.chunk(min(self.workers, x.shape[0]))
-        return torch.cat(list(self.pool.map(self._run, chunks)))
+        # one image per task: a worker with one core keeps a single image's
+        # activations in cache, which a sub-batch would not
+        return torch.cat(list(self.pool.map(self._run, x.split(1))))
 
 
 # --------------------------------------------------------------------------

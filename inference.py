@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -293,23 +294,48 @@ def save_output(path: str, array: np.ndarray) -> None:
     write_image(path, img, **args)
 
 
+def _load(job: Job) -> tuple[Job, np.ndarray | None, str | None]:
+    try:
+        return job, load_image(job.source), None
+    except ImageReadError as exc:
+        return job, None, str(exc)
+
+
+def _save_all(job: Job, rgb: np.ndarray, alpha: np.ndarray, background: str) -> str | None:
+    try:
+        for mode, path in job.outputs.items():
+            save_output(path, render(mode, rgb, alpha, background))
+    except (OSError, ValueError, ImageReadError) as exc:
+        return f"{job.source}: {exc}"
+    return None
+
+
+_IO_POOL: ThreadPoolExecutor | None = None
+
+
+def _io_map(fn: Callable, items: Sequence) -> list:
+    """Decode and encode a batch's images on threads (PIL releases the GIL), one at a time otherwise."""
+    global _IO_POOL
+    if len(items) < 2:
+        return [fn(*item) if isinstance(item, tuple) else fn(item) for item in items]
+    if _IO_POOL is None:
+        _IO_POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)))
+    return list(_IO_POOL.map(lambda item: fn(*item) if isinstance(item, tuple) else fn(item), items))
+
+
 def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str) -> list[tuple[Job, str | None]]:
     """Read, matte (batched) and write a group of image jobs; returns (job, error or None)."""
-    loaded, results = [], []
-    for job in jobs:
-        try:
-            loaded.append((job, load_image(job.source)))
-        except ImageReadError as exc:
-            results.append((job, str(exc)))
+    results: list[tuple[Job, str | None]] = []
+    loaded = []
+    for job, rgb, problem in _io_map(_load, list(jobs)):
+        if problem:
+            results.append((job, problem))
+        else:
+            loaded.append((job, rgb))
     if loaded:
         alphas = matter.mattes([rgb for _, rgb in loaded])
-        for (job, rgb), alpha in zip(loaded, alphas):
-            try:
-                for mode, path in job.outputs.items():
-                    save_output(path, render(mode, rgb, alpha, background))
-                results.append((job, None))
-            except (OSError, ValueError, ImageReadError) as exc:
-                results.append((job, f"{job.source}: {exc}"))
+        problems = _io_map(_save_all, [(job, rgb, alpha, background) for (job, rgb), alpha in zip(loaded, alphas)])
+        results += [(job, problem) for (job, _), problem in zip(loaded, problems)]
     return results
 
 
