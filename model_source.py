@@ -152,22 +152,25 @@ def _hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def _via_modelscope(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
+def _client_download(module: str, function: str, package: str, dest: str, sha256: str | None, **kwargs) -> str:
+    """Download with an optional client library, then adopt its file into models/."""
+    import importlib
+
     try:
-        from modelscope.hub.file_download import model_file_download
+        fetch = getattr(importlib.import_module(module), function)
     except ImportError:
-        raise ModelSourceError("ModelScope SDK not installed (pip install modelscope)") from None
-    fetched = model_file_download(model_id=model_id, file_path=filename)
-    return _adopt(fetched, dest, sha256)
+        raise ModelSourceError(f"{package} not installed (pip install {package})") from None
+    return _adopt(fetch(**kwargs), dest, sha256)
+
+
+def _via_modelscope(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
+    return _client_download("modelscope.hub.file_download", "model_file_download", "modelscope", dest, sha256,
+                            model_id=model_id, file_path=filename)
 
 
 def _via_hf_hub(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ModelSourceError("huggingface_hub not installed (pip install huggingface_hub)") from None
-    fetched = hf_hub_download(repo_id=model_id, filename=filename)
-    return _adopt(fetched, dest, sha256)
+    return _client_download("huggingface_hub", "hf_hub_download", "huggingface_hub", dest, sha256,
+                            repo_id=model_id, filename=filename)
 
 
 def _via_https(model_id: str, filename: str, dest: str, sha256: str | None, **kw) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from convert_onnx_to_torch import Conversion, ConversionError, convert, describe
 from modnet_model import MODNet, check_input_size
-from weight_extractor import OnnxReadError, OnnxWeights, ValueInfo, read_weights
+from weight_extractor import OnnxReadError, OnnxWeights, ValueInfo, read_weights, summarize
 
 BRANCHES = {"backbone": "backbone", "lr_branch": "low-res", "hr_branch": "high-res", "f_branch": "fusion"}
 
@@ -133,8 +133,7 @@ def analyse(
                 macs=macs * batch,
             )
         )
-    infos = weights.infos.values()
-    floats = weights.float_tensors()
+    summary = summarize(weights)
     return ArchReport(
         path=weights.path,
         opset=facts.opset,
@@ -144,11 +143,11 @@ def analyse(
         static_input=facts.inputs[0].is_static,
         num_nodes=facts.num_nodes,
         op_counts=dict(facts.op_counts),
-        num_initializers=sum(i.source == "initializer" for i in infos),
-        num_constant_nodes=sum(i.source == "constant" for i in infos),
+        num_initializers=summary.num_initializers,
+        num_constant_nodes=summary.num_constant_nodes,
         num_weight_tensors=report.num_source_tensors_used,
         num_parameters=report.num_parameters,
-        num_file_values=int(sum(v.size for v in floats.values())),
+        num_file_values=summary.num_float_values,
         num_folded_batchnorms=report.num_folded_batchnorms,
         num_convolutions=len(rows),
         num_ibnorm=sum(1 for m in modules.values() if type(m).__name__ == "IBNorm"),

@@ -74,13 +74,9 @@ class ErrorMetrics:
 
 
 @dataclass(frozen=True)
-class Accuracy:
-    mae: float
-    mse: float
-    psnr_db: float
-    max_error: float
-    pct_pixels_err_lt_1pct: float
-    pct_pixels_err_lt_0_5pct: float
+class Accuracy(ErrorMetrics):
+    """The float mattes' errors, flat, plus the 8-bit ones and the verdict."""
+
     png: ErrorMetrics
     thresholds: dict[str, float]
     passed: bool
