@@ -129,3 +129,23 @@ def test_error_metrics_are_right():
 def test_latency_stats():
     s = rni.latency_stats([10.0, 20.0, 30.0, 40.0])
     assert s.mean_ms == 25 and s.median_ms == 25 and s.min_ms == 10 and s.max_ms == 40 and s.fps == 40
+
+
+def test_half_precision_run_reports_its_precision(tmp_path, webnn_file):
+    out = tmp_path / "bf16"
+    code = rni.main(["--model", webnn_file, "--precision", "bf16", "--output-dir", str(out),
+                     "--batch-sizes", "1", "--runs", "1", "--warmup", "0"])
+    report = json.loads((out / "evaluation_report.json").read_text())
+    acc = report["accuracy"]
+    assert code == 0 and acc["precision"] == "bf16" and acc["thresholds"]["mae"] == 1e-2
+    assert 0 < acc["mae"] <= 1e-2
+
+
+def test_faithful_form_is_measured_when_asked(tmp_path, webnn_file):
+    out = tmp_path / "faithful"
+    assert rni.main(["--model", webnn_file, "--model-form", "faithful", "--output-dir", str(out),
+                     "--batch-sizes", "1", "--runs", "1", "--warmup", "0"]) == 0
+    perf = json.loads((out / "evaluation_report.json").read_text())["performance"]
+    assert perf["model_form"] == "faithful"
+    ops = perf["operators"]
+    assert ops["optimized"]["kernels"] <= 0.75 * ops["faithful"]["kernels"]
