@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from devices import DeviceError
+from fast_path import FastPathError
 from fileio import atomic_path, write_image
 from imaging import (
     ImageLike,
@@ -577,12 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         matter = Matter(args.model, args.backend, args.device, args.precision, size, args.threads,
                         args.models_dir, args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs,
                         log=lambda m: print(m, file=sys.stderr) if not args.quiet else None)
-    except Exception as exc:  # noqa: BLE001  (setup errors become one line; see below)
-        if isinstance(exc, (ModelSourceError, ValueError, OSError, ImageReadError)) or type(exc).__name__ in (
-            "DeviceError", "ConversionError", "OnnxReadError", "FastPathError"):
-            err(str(exc))
-            return 1
-        raise
+    except (ModelSourceError, ValueError, OSError, ImageReadError, DeviceError, FastPathError) as exc:
+        # ConversionError and OnnxReadError are ValueErrors
+        err(str(exc))
+        return 1
     info(f"backend {matter.backend.name} ({matter.backend_reason}): {matter.backend.description}; "
          f"model {matter.source.path} ({matter.source.source})")
     if stdin:
