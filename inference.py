@@ -235,10 +235,12 @@ class Job:
     outputs: dict[str, str] = field(default_factory=dict)  # mode -> output path
 
 
-def _walk(folder: str, recursive: bool) -> Iterator[str]:
+def _walk(folder: str, recursive: bool, skip: str | None = None) -> Iterator[str]:
+    """Files of ``folder`` in a stable order, never descending into ``skip`` (the output folder)."""
+    skip = os.path.realpath(skip) if skip else None
     if recursive:
         for root, dirs, files in os.walk(folder):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
             for name in sorted(files):
                 yield os.path.join(root, name)
     else:
@@ -256,7 +258,7 @@ def plan_jobs(
     errors = []
     for item in inputs:
         if os.path.isdir(item):
-            for path in _walk(item, recursive):
+            for path in _walk(item, recursive, skip=out_dir):
                 ext = os.path.splitext(path)[1].lower()
                 if ext in IMAGE_EXTS or ext in VIDEO_EXTS:
                     rel = os.path.relpath(path, item)
@@ -420,6 +422,7 @@ def process_video(
     batch: int = 8,
     temporal: bool = False,
     on_frames: Callable[[int], None] = lambda n: None,
+    on_total: Callable[[int | None], None] = lambda n: None,
 ) -> int:
     """Matte every frame of a video into each mode's output; returns the frame count.
 
@@ -438,6 +441,7 @@ def process_video(
         vs = src.streams.video[0]
         vs.thread_type = "AUTO"
         audio = src.streams.audio[0] if src.streams.audio else None
+        on_total(vs.frames or None)  # 0 when the container does not say
         rate = vs.average_rate or vs.guessed_rate or 25
         width, height = vs.codec_context.width, vs.codec_context.height
         writers = {}
@@ -579,7 +583,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         matter = Matter(args.model, args.backend, args.device, args.precision, size, args.threads,
                         args.models_dir, args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs,
                         log=lambda m: print(m, file=sys.stderr) if not args.quiet else None)
-    except (ModelSourceError, ValueError, OSError, ImageReadError, DeviceError, FastPathError) as exc:
+    except ModelSourceError as exc:
+        msg = "every download method failed (above)" if exc.attempts and not args.quiet else str(exc)
+        if not args.allow_synthetic and (exc.attempts or args.offline):
+            msg += "; pass --model PATH to a local .onnx, or --allow-synthetic to test with a generated model"
+        err(msg)
+        return 1
+    except (ValueError, OSError, ImageReadError, DeviceError, FastPathError) as exc:
         # ConversionError and OnnxReadError are ValueErrors
         err(str(exc))
         return 1
@@ -625,12 +635,27 @@ def run_jobs(matter: Matter, args: argparse.Namespace, modes: list[str], info, e
         if bar:
             bar.update(len(group))
     for job in (j for j in todo if j.kind == "video"):
+        frame_bar = None
+
+        def start_frames(total: int | None, job: Job = job) -> None:
+            nonlocal frame_bar
+            if bar is not None:
+                from tqdm import tqdm
+
+                frame_bar = tqdm(total=total, unit="frame", desc=os.path.basename(job.source), leave=False,
+                                 file=sys.stderr)
+
         try:
-            frames += process_video(matter, job, args.background, args.batch, args.temporal)
+            frames += process_video(matter, job, args.background, args.batch, args.temporal,
+                                    on_frames=lambda n: frame_bar.update(n) if frame_bar else None,
+                                    on_total=start_frames)
             done += 1
         except (ImageReadError, ValueError, OSError) as exc:
             failed += 1
             say_error(str(exc) if job.source in str(exc) else f"{job.source}: {exc}")
+        finally:
+            if frame_bar is not None:
+                frame_bar.close()
         if bar:
             bar.update(1)
     if bar:

@@ -209,6 +209,43 @@ def _timed_ort(session, name: str, x: np.ndarray) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def time_batch_one(session, in_name: str, x: np.ndarray, runner: TorchRunner, warmup: int,
+                   runs: int) -> tuple[LatencyStats, LatencyStats]:
+    """Latency of ONNX Runtime and PyTorch at batch 1, run for run (interleaved).
+
+    Interleaving makes the drift of a noisy machine hit both sides alike. The
+    device's peak-memory counter is reset after the warm-up.
+    """
+    xt = torch.from_numpy(x).to(runner.device, runner.dtype)
+    for _ in range(warmup):
+        session.run(None, {in_name: x})
+        runner.timed(xt)
+    devices.reset_peak_memory(runner.device)
+    ort_times, dev_times = [], []
+    for _ in range(runs):
+        ort_times.append(_timed_ort(session, in_name, x))
+        dev_times.append(runner.timed(xt))
+    return latency_stats(ort_times), latency_stats(dev_times)
+
+
+def time_throughput(session, in_name: str, x: np.ndarray, runner: TorchRunner, batch: int, runs: int,
+                    batch_dynamic: bool) -> Throughput:
+    """Images per second at ``batch``; a static batch-1 ONNX graph takes the images one by one."""
+    xb = np.repeat(x, batch, axis=0)
+    xbt = torch.from_numpy(xb).to(runner.device, runner.dtype)
+    runner.timed(xbt)  # a new shape may capture or compile: not timed
+    batched = batch_dynamic or batch == 1
+    t_dev, t_ort = [], []
+    for _ in range(max(3, runs // batch)):
+        t_dev.append(runner.timed(xbt))
+        if batched:
+            t_ort.append(_timed_ort(session, in_name, xb))
+        else:
+            t_ort.append(sum(_timed_ort(session, in_name, x) for _ in range(batch)))
+    return Throughput(batch, batch * 1000.0 / float(np.median(t_dev)), batch * 1000.0 / float(np.median(t_ort)),
+                      "batched" if batched else "sequential")
+
+
 # --------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------
@@ -397,32 +434,9 @@ def run(opts: Options) -> dict:
     # 6. benchmark ----------------------------------------------------------
     _step(log, 6, total, f"Benchmark: {opts.warmup} warm-up + {opts.runs} timed runs each, interleaved, "
                          f"{threads} CPU thread(s)")
-    xt = torch.from_numpy(x).to(device, runner.dtype)
-    for _ in range(opts.warmup):
-        session.run(None, {in_name: x})
-        runner.timed(xt)
-    devices.reset_peak_memory(device)
-    ort_times, dev_times = [], []
-    for _ in range(opts.runs):  # interleaved: drifts of a noisy machine hit both sides alike
-        ort_times.append(_timed_ort(session, in_name, x))
-        dev_times.append(runner.timed(xt))
-    ort_stats, dev_stats = latency_stats(ort_times), latency_stats(dev_times)
+    ort_stats, dev_stats = time_batch_one(session, in_name, x, runner, opts.warmup, opts.runs)
     batch_dynamic = not isinstance(facts.inputs[0].shape[0], int)
-    throughput = []
-    for b in opts.batch_sizes:
-        xb = np.repeat(x, b, axis=0)
-        xbt = torch.from_numpy(xb).to(device, runner.dtype)
-        runner.timed(xbt)
-        n = max(3, opts.runs // max(b, 1))
-        t_dev, t_ort = [], []
-        for _ in range(n):
-            t_dev.append(runner.timed(xbt))
-            if batch_dynamic or b == 1:
-                t_ort.append(_timed_ort(session, in_name, xb))
-            else:  # a static batch-1 graph takes the images one by one
-                t_ort.append(sum(_timed_ort(session, in_name, x) for _ in range(b)))
-        throughput.append(Throughput(b, b * 1000.0 / float(np.median(t_dev)), b * 1000.0 / float(np.median(t_ort)),
-                                     "batched" if batch_dynamic or b == 1 else "sequential"))
+    throughput = [time_throughput(session, in_name, x, runner, b, opts.runs, batch_dynamic) for b in opts.batch_sizes]
     performance = Performance(
         ort_cpu=ort_stats, torch=dev_stats, torch_key=f"torch_{tag}", throughput=throughput,
         speedup_mean=ort_stats.mean_ms / dev_stats.mean_ms, speedup_median=ort_stats.median_ms / dev_stats.median_ms,

@@ -189,3 +189,16 @@ def test_cli_prints_the_backend_it_chose(tmp_path, webnn_file, capsys):
     code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--model", webnn_file, "--mode", "matte"])
     err = capsys.readouterr().err
     assert code == 0 and "backend" in err and "ONNX Runtime" in err
+
+
+def test_output_folder_inside_the_input_is_not_read_back(tmp_path, webnn_file, capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.open(PORTRAIT).resize((64, 64)).save(src / "a.jpg")
+    out = src / "mattes"
+    for _ in range(2):
+        code = inference.main([str(src), "-o", str(out), "--recursive", "--overwrite", "--model", webnn_file,
+                               "--mode", "composite", "--format", "jpg", "--backend", "ort"])
+        assert code == 0
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a_composite.jpg"]
+    assert "1 succeeded" in capsys.readouterr().err
