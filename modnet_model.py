@@ -380,14 +380,3 @@ def remap_official_state_dict(
             raise CheckpointError(f"checkpoint's two copies of {key} differ")
     return out
 
-
-def load_official_checkpoint(path: str, map_location: str | torch.device = "cpu") -> MODNet:
-    """Build MODNet from an official ``.ckpt`` (e.g. modnet_photographic_portrait_matting.ckpt)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: not a state dict")
-    model = MODNet()
-    model.load_state_dict(remap_official_state_dict(state), strict=True)
-    return model.eval()

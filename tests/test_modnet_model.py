@@ -4,13 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modnet_model import (
-    CheckpointError,
-    MODNet,
-    instance_norm,
-    load_official_checkpoint,
-    remap_official_state_dict,
-)
+from convert_onnx_to_torch import load_checkpoint
+from modnet_model import CheckpointError, MODNet, instance_norm, remap_official_state_dict
 
 
 def test_layout_matches_the_published_network():
@@ -81,7 +76,7 @@ def _official_style(model: MODNet) -> dict[str, torch.Tensor]:
 def test_official_checkpoint_loads_strict(tmp_path, seeded_model):
     path = tmp_path / "modnet_photographic_portrait_matting.ckpt"
     torch.save(_official_style(seeded_model), path)
-    model = load_official_checkpoint(str(path))
+    model = load_checkpoint(str(path))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), seeded_model(x))
