@@ -16,7 +16,6 @@ writes the figures to a file as well.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

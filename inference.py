@@ -24,7 +24,7 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -626,7 +626,7 @@ def run_jobs(matter: Matter, args: argparse.Namespace, modes: list[str], info, e
     images = [j for j in todo if j.kind == "image"]
     for i in range(0, len(images), args.batch):
         group = images[i : i + args.batch]
-        for job, problem in process_image_batch(matter, group, args.background):
+        for _job, problem in process_image_batch(matter, group, args.background):
             if problem:
                 failed += 1
                 say_error(problem)
