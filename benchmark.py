@@ -208,6 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every engine")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (OSError, ValueError, RuntimeError) as exc:  # bad model, device or image: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     model, source = _model_path(args.model, args.models_dir, dynamic=args.suite == "engines")
     print(f"{args.suite} benchmark on {platform.processor() or platform.machine()}, {args.threads} thread(s); "
           f"model {model} ({source})")
