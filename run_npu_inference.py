@@ -404,10 +404,10 @@ def run(opts: Options) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(threads)
         devices.tune_cpu_allocator()
-    model = optimize(conversion.model) if opts.model_form == "optimized" else conversion.model
+    forms = {"faithful": conversion.model, "optimized": optimize(conversion.model)}
     probe = torch.zeros(1, 3, *size)
-    operators = {form: dict(zip(("total", "kernels"), count_ops(m, probe)[:2]))
-                 for form, m in (("faithful", conversion.model), ("optimized", optimize(conversion.model)))}
+    operators = {form: dict(zip(("total", "kernels"), count_ops(m, probe)[:2])) for form, m in forms.items()}
+    model = forms[opts.model_form]
     runner = TorchRunner(model, device, opts.precision, opts.compile, opts.graphs, threads,
                          log=lambda m: log("      " + m))
     log(f"      model form {opts.model_form} ({operators[opts.model_form]['kernels']} kernel launches per "
