@@ -69,6 +69,7 @@ class OnnxUnit:
     bn_node: onnx.NodeProto | None = None
     preds: frozenset[str] = frozenset()
     uid: str = ""
+    extra_inputs: list[str] = field(default_factory=list)  # data the node adds after its weights (FusedConv's Z)
 
     @property
     def name(self) -> str:
@@ -166,18 +167,20 @@ def _conv(node: onnx.NodeProto, ctx: _Context) -> OnnxUnit:
         pads = [0, 0, 0, 0]
     else:  # SAME_UPPER / SAME_LOWER on odd kernels: symmetric
         pads = [kh // 2, kw // 2, kh // 2, kw // 2]
-    if node.op_type == "FusedConv":
+    extra: list[str] = []
+    if node.op_type == "FusedConv":  # ONNX Runtime's Conv + activation (+ Z, a fused residual add)
         act = _attr(node, "activation", b"")
         act = act.decode() if isinstance(act, bytes) else act
-        if act not in ("", "Relu", "Clip"):
+        if act not in ("", "Relu", "Clip", "Sigmoid"):
             raise ConversionError(f"FusedConv node {_node_name(node)!r}: activation {act!r} is not in MODNet")
+        extra = [n for n in node.input[3:4] if n]
     if b is not None and b.shape != (o,):
         raise ConversionError(f"Conv node {_node_name(node)!r}: bias {node.input[2]!r} has shape {b.shape}, expected ({o},)")
     src = ctx.claim(node, (1, 2))
     tensors = {"weight": w} | ({"bias": b} if b is not None else {})
     sources = {"weight": src[1]} | ({"bias": src[2]} if 2 in src else {})
     label = ("conv", int(o), int(ipg * groups), int(kh), int(kw), int(sh), int(sw), groups)
-    return OnnxUnit("conv", label, node, node.input[0], tensors, sources, {"pads": tuple(pads)})
+    return OnnxUnit("conv", label, node, node.input[0], tensors, sources, {"pads": tuple(pads)}, extra_inputs=extra)
 
 
 @handler("BatchNormalization")
@@ -321,6 +324,12 @@ def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
     if len(facts.outputs) != 1:
         raise ConversionError(f"not a MODNet graph: expected one output, found {len(facts.outputs)}")
 
+    layout_ops = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft.nchwc"})
+    if layout_ops:
+        raise ConversionError(
+            f"the graph was saved by ONNX Runtime with hardware-specific layout optimisations "
+            f"({', '.join(layout_ops)}); convert the original file, or one saved with ORT_ENABLE_EXTENDED or lower"
+        )
     ctx = _Context(weights)
     known = {image.name} | set(weights.arrays)
     nodes = _topological(graph, known)
@@ -368,7 +377,8 @@ def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
         if unit is not None:
             if node is unit.node:
                 unit.preds = deps.get(unit.data_input, frozenset())
-            out = frozenset([unit.uid])  # a merged BatchNorm speaks for its Conv
+            # a merged BatchNorm speaks for its Conv; a fused residual brings its own sources
+            out = frozenset([unit.uid]).union(*(deps.get(n, frozenset()) for n in unit.extra_inputs))
         else:
             out = frozenset().union(*(deps.get(n, frozenset()) for n in _data_inputs(node)))
         for name in node.output:

@@ -20,6 +20,8 @@ fp16           weights stored as float16 with Cast nodes (model_fp16.onnx)
 anonymous      anonymised tensor names, shuffled node order, half of the
                weights as Constant nodes, Linear as Gemm(transB=1)
 ort            re-saved by ONNX Runtime's basic graph optimisations
+ort_extended   re-saved at ONNX Runtime's extended level (FusedConv with
+               Relu/Clip/Sigmoid in the com.microsoft domain)
 =============  ==============================================================
 """
 from __future__ import annotations
@@ -250,16 +252,20 @@ def _simplify(src: str, dst: str) -> None:
     _save(slim, dst)
 
 
-def _ort_optimise(src: str, dst: str) -> None:
+def _ort_optimise(src: str, dst: str, extended: bool = False) -> None:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if extended else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    )
     opts.optimized_model_filepath = dst
     ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-FLAVOURS: tuple[str, ...] = ("webnn", "official", "opset17", "dynamo", "simplified", "fp16", "anonymous", "ort")
+FLAVOURS: tuple[str, ...] = (
+    "webnn", "official", "opset17", "dynamo", "simplified", "fp16", "anonymous", "ort", "ort_extended",
+)
 
 
 def export_flavour(model: MODNet, flavour: str, path: str, workdir: str) -> str:
@@ -289,6 +295,8 @@ def export_flavour(model: MODNet, flavour: str, path: str, workdir: str) -> str:
         _save(anonymise(onnx.load(official())), path)
     elif flavour == "ort":
         _ort_optimise(official(), path)
+    elif flavour == "ort_extended":
+        _ort_optimise(official(), path, extended=True)
     else:
         raise ValueError(f"unknown flavour {flavour!r}; choose from {', '.join(FLAVOURS)}")
     return path

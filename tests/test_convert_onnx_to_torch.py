@@ -177,3 +177,15 @@ def test_cli_loads_official_checkpoint(tmp_path, seeded_model):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(c2t.load_checkpoint(str(out))(x), seeded_model(x))
+
+
+def test_hardware_specific_ort_layouts_are_refused_clearly(tmp_path, flavour_files):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "all.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(flavour_files["official"], so, providers=["CPUExecutionProvider"])
+    if not any(n.domain == "com.microsoft.nchwc" for n in onnx.load(str(tmp_path / "all.onnx")).graph.node):
+        pytest.skip("this ONNX Runtime build applied no NCHWc layout")
+    with pytest.raises(c2t.ConversionError, match="layout optimisations"):
+        c2t.convert(str(tmp_path / "all.onnx"))

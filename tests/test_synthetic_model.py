@@ -28,6 +28,7 @@ def test_flavours_are_what_they_claim(flavour_files):
     assert not any("branch" in i.name for i in anon.graph.initializer)
     assert _ops(flavour_files["anonymous"])["Gemm"] == 2
     assert _ops(flavour_files["simplified"])["Constant"] == 0
+    assert _ops(flavour_files["ort_extended"])["FusedConv"] > 0
 
 
 def test_batchnorm_statistics_are_not_trivial(seeded_model):
