@@ -105,7 +105,7 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
     devices.prepare(device)
     torch.set_num_threads(threads)
     if device.type == "cpu":
-        devices.tune_cpu_allocator()
+        devices.setup_cpu(threads)
     session = ort_session(model, threads)
     in_name = session.get_inputs()[0].name
     batch_dim = session.get_inputs()[0].shape[0]

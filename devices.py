@@ -168,11 +168,6 @@ def device_name(device: torch.device) -> str:
     return cpu_model()
 
 
-def device_tag(device: torch.device) -> str:
-    """'npu', 'cuda', 'mps' or 'cpu': used in file and report names."""
-    return device.type
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -266,3 +261,9 @@ def tune_cpu_allocator() -> bool:
         return False
     _ALLOCATOR_TUNED = ok
     return ok
+
+
+def setup_cpu(threads: int) -> None:
+    """Intra-op threads for PyTorch on the CPU, and the allocator tuned for big activations."""
+    torch.set_num_threads(threads)
+    tune_cpu_allocator()

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+import devices
 from fileio import atomic_path
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -229,15 +231,12 @@ class BatchParallel:
     def __init__(self, fn: Forward, threads: int) -> None:
         self.fn = fn
         self.workers = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-        self._local = threading.local()
-        self.inner_threads = 1
+        # one intra-op thread per worker (a per-thread setting under OpenMP)
+        self.pool = (ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,))
+                     if self.workers > 1 else None)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self._local, "threads", None) != self.inner_threads:
-            torch.set_num_threads(self.inner_threads)  # per worker thread under OpenMP
-            self._local.threads = self.inner_threads
-        with torch.inference_mode():
+        with torch.inference_mode():  # thread-local: each worker enters it itself
             return self.fn(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,3 +302,35 @@ def make_runner(
         fn = BatchParallel(fn, threads)
         pieces.append(f"batch-parallel x{threads}")
     return Runner(fn, tuple(pieces), cache)
+
+
+class TorchEngine:
+    """A MODNet module on a device at a precision, called through :func:`make_runner`.
+
+    Takes normalised input (numpy or tensor), returns float32 numpy; ``timed``
+    measures one synchronised forward of an on-device tensor.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32", compile: bool = False,
+                 graphs: str = "auto", threads: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
+        from modnet_fast import with_precision
+
+        self.device = device
+        threads = threads or (os.cpu_count() or 1)
+        if device.type == "cpu":
+            devices.setup_cpu(threads)
+        self.model, self.dtype = with_precision(model.to(device).eval(), precision)
+        self.runner = make_runner(self.model, device, compile=compile, graphs=graphs, threads=threads, log=log)
+        self.describe = self.runner.describe
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
+        return self.runner(t).float().cpu().numpy()
+
+    def timed(self, x: torch.Tensor) -> float:
+        """Milliseconds for one forward of an on-device tensor, synchronised."""
+        devices.synchronize(self.device)
+        start = time.perf_counter()
+        self.runner(x)
+        devices.synchronize(self.device)
+        return (time.perf_counter() - start) * 1000.0

@@ -31,6 +31,7 @@ import numpy as np
 from devices import DeviceError
 from fast_path import FastPathError
 from fileio import atomic_path, write_image
+from modnet_fast import PRECISIONS
 from imaging import (
     ImageLike,
     ImageReadError,
@@ -67,28 +68,18 @@ class TorchBackend:
 
     def __init__(self, onnx_path: str, device: str = "auto", precision: str = "fp32", threads: int = 0,
                  compile: bool = False, graphs: str = "auto") -> None:
-        import torch
-
         import devices
         from convert_onnx_to_torch import build_torch_model_from_onnx
-        from fast_path import make_runner
-        from modnet_fast import with_precision
+        from fast_path import TorchEngine
 
-        self.torch = torch
         self.device = devices.select_device(device)
-        threads = threads or (os.cpu_count() or 1)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-            devices.tune_cpu_allocator()
         model = build_torch_model_from_onnx(onnx_path, self.device)
-        self.model, self.dtype = with_precision(model, precision)
-        self.runner = make_runner(self.model, self.device, compile=compile, graphs=graphs, threads=threads)
+        self.engine = TorchEngine(model, self.device, precision, compile, graphs, threads)
         self.fixed_size: Size | None = None  # any multiple of 32
-        self.description = f"PyTorch on {self.device} ({precision}; {self.runner.describe})"
+        self.description = f"PyTorch on {self.device} ({precision}; {self.engine.describe})"
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        t = self.torch.from_numpy(x).to(self.device, self.dtype)
-        return self.runner(t).float().cpu().numpy()[:, 0]
+        return self.engine(x)[:, 0]
 
 
 class OrtBackend:
@@ -512,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never download")
     p.add_argument("--allow-synthetic", action="store_true",
                    help="when the model cannot be had, use a generated one (meaningless mattes; for testing)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="torch backend precision")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="torch backend precision (half precision runs the decoder, the backbone stays fp32)")
     p.add_argument("--batch", type=int, default=1, help="images (or video frames) of one size inferred together")
     p.add_argument("--size", default="auto",
                    help="model input: auto (MODNet's rule: short side to 512 when larger, sides down to multiples of 32) "

@@ -26,10 +26,10 @@ import torch
 
 import devices
 from convert_onnx_to_torch import ConversionError, build_torch_model_from_onnx, convert
-from fast_path import FastPathError, make_runner
+from fast_path import FastPathError, TorchEngine
 from fileio import write_image, write_json
 from imaging import ImageReadError, load_image, normalize, postprocess, preprocess, resize_rgb, resolve_size, to_uint8
-from modnet_fast import count_ops, optimize, with_precision
+from modnet_fast import PRECISIONS, count_ops, optimize
 from model_source import DEFAULT_MODEL_ID, ModelSource, ModelSourceError, resolve_model, synthetic_fallback
 from weight_extractor import OnnxReadError, read_weights
 
@@ -37,7 +37,6 @@ __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "main"]
 
 DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "portrait_astronaut.jpg")
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-PRECISIONS = ("fp32", "fp16", "bf16")
 # default parity MAE bound per PyTorch-side precision (the fast-path targets for half precision)
 MAE_THRESHOLDS = {"fp32": 1e-3, "fp16": 2e-3, "bf16": 1e-2}
 
@@ -180,36 +179,13 @@ def ort_session(path: str, threads: int):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-class TorchRunner:
-    """The PyTorch model on a device at a precision, through the fast path; float32 numpy out."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, compile: bool = False,
-                 graphs: str = "auto", threads: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
-        self.device = device
-        model = model.to(device).eval()
-        self.model, self.dtype = with_precision(model, precision)
-        self.fast = make_runner(self.model, device, compile=compile, graphs=graphs, threads=threads, log=log)
-
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
-        return self.fast(t).float().cpu().numpy()
-
-    def timed(self, x: torch.Tensor) -> float:
-        """Milliseconds for one forward of an on-device tensor, synchronised."""
-        devices.synchronize(self.device)
-        start = time.perf_counter()
-        self.fast(x)
-        devices.synchronize(self.device)
-        return (time.perf_counter() - start) * 1000.0
-
-
 def _timed_ort(session, name: str, x: np.ndarray) -> float:
     start = time.perf_counter()
     session.run(None, {name: x})
     return (time.perf_counter() - start) * 1000.0
 
 
-def time_batch_one(session, in_name: str, x: np.ndarray, runner: TorchRunner, warmup: int,
+def time_batch_one(session, in_name: str, x: np.ndarray, runner: TorchEngine, warmup: int,
                    runs: int) -> tuple[LatencyStats, LatencyStats]:
     """Latency of ONNX Runtime and PyTorch at batch 1, run for run (interleaved).
 
@@ -228,7 +204,7 @@ def time_batch_one(session, in_name: str, x: np.ndarray, runner: TorchRunner, wa
     return latency_stats(ort_times), latency_stats(dev_times)
 
 
-def time_throughput(session, in_name: str, x: np.ndarray, runner: TorchRunner, batch: int, runs: int,
+def time_throughput(session, in_name: str, x: np.ndarray, runner: TorchEngine, batch: int, runs: int,
                     batch_dynamic: bool) -> Throughput:
     """Images per second at ``batch``; a static batch-1 ONNX graph takes the images one by one."""
     xb = np.repeat(x, batch, axis=0)
@@ -397,21 +373,18 @@ def run(opts: Options) -> dict:
     # 4. device -------------------------------------------------------------
     _step(log, 4, total, f"Device: {opts.device}")
     settings = devices.prepare(device, strict_fp32=True)
-    tag = devices.device_tag(device)
+    tag = device.type  # names the files and report keys: matte_npu.png, torch_npu
     env = devices.environment(device)
     log(f"      {device} ({env.device_name}), precision {opts.precision}"
         + (f", {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""))
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-        devices.tune_cpu_allocator()
     forms = {"faithful": conversion.model, "optimized": optimize(conversion.model)}
     probe = torch.zeros(1, 3, *size)
     operators = {form: dict(zip(("total", "kernels"), count_ops(m, probe)[:2])) for form, m in forms.items()}
     model = forms[opts.model_form]
-    runner = TorchRunner(model, device, opts.precision, opts.compile, opts.graphs, threads,
+    runner = TorchEngine(model, device, opts.precision, opts.compile, opts.graphs, threads,
                          log=lambda m: log("      " + m))
     log(f"      model form {opts.model_form} ({operators[opts.model_form]['kernels']} kernel launches per "
-        f"forward, faithful {operators['faithful']['kernels']}); fast path: {runner.fast.describe}")
+        f"forward, faithful {operators['faithful']['kernels']}); fast path: {runner.describe}")
 
     # 5. parity -------------------------------------------------------------
     _step(log, 5, total, f"Parity: ONNX Runtime CPU vs PyTorch {tag} on {os.path.basename(opts.image)}")
@@ -440,7 +413,7 @@ def run(opts: Options) -> dict:
     performance = Performance(
         ort_cpu=ort_stats, torch=dev_stats, torch_key=f"torch_{tag}", throughput=throughput,
         speedup_mean=ort_stats.mean_ms / dev_stats.mean_ms, speedup_median=ort_stats.median_ms / dev_stats.median_ms,
-        threads=threads, model_form=opts.model_form, fast_path=runner.fast.describe, operators=operators,
+        threads=threads, model_form=opts.model_form, fast_path=runner.describe, operators=operators,
     )
     rss, peak_rss = devices.process_rss_mb()
     memory = Memory(devices.peak_memory_mb(device), rss, peak_rss)
