@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
@@ -563,48 +563,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert MODNet ONNX to PyTorch, verify it against ONNX Runtime, benchmark, and report.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL_ID, help="local .onnx path, http(s) URL, or model id")
+    p.add_argument("--model", default=Options.model, help="local .onnx path, http(s) URL, or model id")
     p.add_argument("--sha256", default=None, help="expected sha256 of the model file (known for the default id)")
     p.add_argument("--models-dir", default=Options.models_dir, help="download cache")
     p.add_argument("--offline", action="store_true", help="never download; use the cache or the generated model")
     p.add_argument("--no-synthetic-fallback", action="store_true",
                    help="fail instead of using a generated model when the model id cannot be downloaded")
-    p.add_argument("--image", default=DEFAULT_IMAGE, help="input image for the parity run")
+    p.add_argument("--image", default=Options.image, help="input image for the parity run")
     p.add_argument("--size", default=None,
                    help="model input size for dynamic graphs: auto, N or HxW (static graphs use their own)")
-    p.add_argument("--device", default="auto", help=devices.DEVICE_CHOICES)
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="PyTorch-side precision")
-    p.add_argument("--runs", type=_positive_int, default=20, help="timed runs per engine")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs per engine")
-    p.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 8), help="throughput batch sizes, e.g. 1,8")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for both engines (0 = all cores)")
-    p.add_argument("--model-form", choices=("optimized", "faithful"), default="optimized",
+    p.add_argument("--device", default=Options.device, help=devices.DEVICE_CHOICES)
+    p.add_argument("--precision", choices=list(PRECISIONS), default=Options.precision, help="PyTorch-side precision")
+    p.add_argument("--runs", type=_positive_int, default=Options.runs, help="timed runs per engine")
+    p.add_argument("--warmup", type=int, default=Options.warmup, help="untimed warm-up runs per engine")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=Options.batch_sizes, help="throughput batch sizes, e.g. 1,8")
+    p.add_argument("--threads", type=int, default=Options.threads, help="CPU threads for both engines (0 = all cores)")
+    p.add_argument("--model-form", choices=("optimized", "faithful"), default=Options.model_form,
                    help="PyTorch model measured: the inference form (BatchNorms folded, fewer launches) or the "
                         "module-for-module port")
     p.add_argument("--compile", action="store_true",
                    help="compile the PyTorch side: AOTInductor on CPU/CUDA (packages cached in models/.compile-cache, "
                         "so only the first run per input shape pays), torchair on NPU")
-    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--graphs", choices=("auto", "on", "off"), default=Options.graphs,
                    help="graph capture of fixed shapes on CUDA/NPU (auto: where available)")
     p.add_argument("--mae-threshold", type=float, default=None,
                    help="parity passes below this MAE (default 1e-3 for fp32, 2e-3 for fp16, 1e-2 for bf16)")
-    p.add_argument("--max-threshold", type=float, default=5e-2, help="parity passes below this max error")
-    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where the outputs go")
-    p.add_argument("--timeout", type=float, default=30.0, help="download time-out per attempt, seconds")
-    p.add_argument("--retries", type=_positive_int, default=3, help="download attempts")
+    p.add_argument("--max-threshold", type=float, default=Options.max_threshold, help="parity passes below this max error")
+    p.add_argument("--output-dir", default=Options.output_dir, help="where the outputs go")
+    p.add_argument("--timeout", type=float, default=Options.timeout, help="download time-out per attempt, seconds")
+    p.add_argument("--retries", type=_positive_int, default=Options.retries, help="download attempts")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = Options(
-        model=args.model, sha256=args.sha256, models_dir=args.models_dir, offline=args.offline,
-        synthetic_fallback=not args.no_synthetic_fallback, image=args.image, size=args.size,
-        device=args.device, precision=args.precision, runs=args.runs, warmup=args.warmup,
-        batch_sizes=args.batch_sizes, threads=args.threads, mae_threshold=args.mae_threshold,
-        max_threshold=args.max_threshold, output_dir=args.output_dir, timeout=args.timeout, retries=args.retries,
-        model_form=args.model_form, compile=args.compile, graphs=args.graphs,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
+    opts = Options(**given, synthetic_fallback=not args.no_synthetic_fallback)
     try:
         report = run(opts)
     except (ModelSourceError, OnnxReadError, ConversionError, devices.DeviceError, ImageReadError,
