@@ -52,13 +52,12 @@ def _model_path(spec: str | None, models_dir: str, dynamic: bool = False) -> tup
 def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, size: int, threads: int,
                 backend: str, log=print) -> dict:
     """Per-image time of inference.py's image path at batch 1 and at ``batch``."""
-    import torch
     from PIL import Image
 
-    import inference
+    from jobs import plan_jobs, process_image_batch
+    from matting import Matter
 
-    torch.set_num_threads(threads)
-    matter = inference.Matter(model, backend=backend, device="cpu", size=size, threads=threads)
+    matter = Matter(model, backend=backend, device="cpu", size=size, threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "in")
         os.makedirs(src)
@@ -66,21 +65,21 @@ def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, siz
         for i in range(count):  # same size, different content
             np_img = np.roll(np.asarray(base), 7 * i, axis=1)
             Image.fromarray(np_img).save(os.path.join(src, f"img{i:03d}.jpg"), quality=92)
-        jobs, _ = inference.plan_jobs([src], os.path.join(tmp, "out"), ["matte"], "png", False)
+        jobs = plan_jobs([src], os.path.join(tmp, "out"), ["matte"], "png", False).jobs
         times: dict[int, list[float]] = {1: [], batch: []}
-        inference.process_image_batch(matter, jobs[:batch], "white")  # warm-up
+        process_image_batch(matter, jobs[:batch], "white")  # warm-up
         for r in range(rounds):
             order = (1, batch) if r % 2 == 0 else (batch, 1)
             for b in order:
                 start = time.perf_counter()
                 for i in range(0, len(jobs), b):
-                    inference.process_image_batch(matter, jobs[i : i + b], "white")
+                    process_image_batch(matter, jobs[i : i + b], "white")
                 times[b].append((time.perf_counter() - start) * 1000 / len(jobs))
             log(f"  round {r + 1}/{rounds}: batch 1 {times[1][-1]:.1f} ms/img, batch {batch} {times[batch][-1]:.1f} ms/img")
     med1, medb = statistics.median(times[1]), statistics.median(times[batch])
     return {
         "suite": "batch",
-        "backend": matter.backend.description,
+        "backend": matter.engine.description,
         "images": count,
         "model_input": f"short side {size}",
         "per_image_ms": {"batch_1": times[1], f"batch_{batch}": times[batch]},
@@ -96,16 +95,15 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
 
     import devices
     from convert_onnx_to_torch import convert
-    from fast_path import compile_model, make_runner
+    from acceleration import compile_model, make_runner
+    from timing import interleaved
+    from engines import ort_session
     from imaging import load_image, normalize, resize_rgb
-    from modnet_fast import count_ops, optimize
-    from run_npu_inference import ort_session
+    from inference_form import optimize
+    from modnet_arch import count_ops
 
     device = devices.select_device(device_spec)
     devices.prepare(device)
-    torch.set_num_threads(threads)
-    if device.type == "cpu":
-        devices.setup_cpu(threads)
     session = ort_session(model, threads)
     in_name = session.get_inputs()[0].name
     batch_dim = session.get_inputs()[0].shape[0]
@@ -140,20 +138,8 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
                 devices.synchronize(device)
                 compile_s = time.perf_counter() - start
                 engines["torch_compiled"] = lambda: compiled(xt)
-            times: dict[str, list[float]] = {k: [] for k in engines}
             with torch.inference_mode():
-                for _ in range(warmup):
-                    for fn in engines.values():
-                        fn()
-                names = list(engines)
-                for r in range(runs):
-                    # rotate the order each round: no engine always runs right after another
-                    for name in names[r % len(names):] + names[: r % len(names)]:
-                        devices.synchronize(device)
-                        start = time.perf_counter()
-                        engines[name]()
-                        devices.synchronize(device)
-                        times[name].append((time.perf_counter() - start) * 1000)
+                times = interleaved(engines, runs=runs, warmup=warmup, sync=lambda: devices.synchronize(device))
             medians = {k: statistics.median(v) for k, v in times.items()}
             ref = medians.get("ort_cpu")
             row = {
@@ -208,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every engine")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    from process_setup import setup_process
+
+    setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
     try:
         return _run(args, argv)
     except (OSError, ValueError, RuntimeError) as exc:  # bad model, device or image: one line

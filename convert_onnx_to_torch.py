@@ -40,13 +40,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fileio import atomic_path
-from modnet_model import MODNet, MODNetConfig, CheckpointError, remap_official_state_dict
+from modnet_model import CheckpointError, MODNet, MODNetConfig, load_checkpoint
 from weight_extractor import OnnxReadError, OnnxWeights, read_weights
+from errors import ModnetError
 
 INPUT = "<input>"
 
 
-class ConversionError(ValueError):
+class ConversionError(ModnetError, ValueError):
     """The graph cannot be mapped onto MODNet; the message names the op or tensor."""
 
 
@@ -740,13 +741,13 @@ def build_torch_model_from_onnx(
 
     Takes normalised ``[N, 3, H, W]`` float input (H, W multiples of 32) and
     returns ``[N, 1, H, W]`` alpha in [0, 1], whatever size the file was exported at.
-    ``optimize=True`` returns the inference form (``modnet_fast``: BatchNorms
+    ``optimize=True`` returns the inference form (``inference_form``: BatchNorms
     folded, fewer operators, same outputs to 1e-5); ``False`` the faithful
     module-for-module model.
     """
     model: nn.Module = convert(path).model
     if optimize:
-        from modnet_fast import optimize as to_inference_form
+        from inference_form import optimize as to_inference_form
 
         model = to_inference_form(model)
     return model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
@@ -757,31 +758,6 @@ def build_torch_model_from_onnx(
 # --------------------------------------------------------------------------
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
-
-
-def load_checkpoint(path: str) -> MODNet:
-    """MODNet from an official checkpoint or a state dict saved by this tool."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a state dict")
-    model = MODNet()
-    try:
-        model.load_state_dict(remap_official_state_dict(state), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit MODNet: {str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
-    return model.eval()
 
 
 def save_state_dict(model: nn.Module, out_path: str) -> None:

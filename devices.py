@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from errors import ModnetError
 
 DEVICE_CHOICES = "auto|npu|npu:N|cuda|cuda:N|mps|cpu"
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|npu|cuda)(?::(\d+))?$")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(ModnetError, RuntimeError):
     """A device that was asked for and is not present."""
 
 
@@ -231,39 +232,3 @@ def environment(device: torch.device) -> Environment:
         cpu_count=os.cpu_count() or 1,
         os=platform.platform(),
     )
-
-
-_ALLOCATOR_TUNED = False
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep large freed blocks in the heap (glibc only); returns whether it applied.
-
-    MODNet's activations are tens to hundreds of MB; glibc serves blocks above
-    its mmap threshold (at most 32 MB) with mmap and returns them on free, so
-    every forward pays page faults to zero fresh pages again. Measured on the
-    2-core development machine, five alternating pairs of processes (faithful
-    model, 256x256, batch 1, median of 7 forwards each): 148 ms with glibc's
-    defaults, 131 ms tuned (faster in 4 pairs of 5).
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
-    except (OSError, AttributeError):
-        return False
-    _ALLOCATOR_TUNED = ok
-    return ok
-
-
-def setup_cpu(threads: int) -> None:
-    """Intra-op threads for PyTorch on the CPU, and the allocator tuned for big activations."""
-    torch.set_num_threads(threads)
-    tune_cpu_allocator()

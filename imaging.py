@@ -9,22 +9,35 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-Image.MAX_IMAGE_PIXELS = 200_000_000  # big photos are fine; decompression bombs are not
+from modnet_model import SIZE_MULTIPLE
+from errors import ModnetError
 
-SIZE_MULTIPLE = 32
 REFERENCE_SIZE = 512  # MODNet's official inference rule
 MODEL_FILE_SIZE = 256  # the static size of onnx-community/modnet-webnn
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 Size = tuple[int, int]
+# The largest model input side accepted by default: MODNet's activations at 4096x4096
+# already take several GB; an unbounded --size grows until the kernel kills the process.
+MAX_MODEL_SIDE = 4096
 
 
-class ImageReadError(ValueError):
+class ShortSide(NamedTuple):
+    """A model input size given as its short side (the aspect follows the image)."""
+
+    pixels: int
+
+
+# what a user may ask for: "auto" (MODNet's rule), ShortSide(N), or an exact (height, width)
+SizeSpec = Union[str, ShortSide, Size]
+
+
+class ImageReadError(ModnetError, ValueError):
     """An input that is not a readable image."""
 
 
@@ -133,6 +146,39 @@ def resolve_size(size: int | Size | str, height: int, width: int) -> Size:
     if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise ValueError(f"model input size must be positive multiples of {SIZE_MULTIPLE}, got {h}x{w}")
     return h, w
+
+
+def parse_size_spec(text: str, *, max_side: int = MAX_MODEL_SIDE) -> SizeSpec:
+    """``auto``, ``N`` (the short side) or ``HxW`` -> a :data:`SizeSpec`; ValueError naming the text.
+
+    The one parser of ``--size`` for every tool and the service.
+    """
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    parts = text.split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"size must be auto, N (short side) or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < SIZE_MULTIPLE or max(values) > max_side:
+        raise ValueError(f"size {text!r} out of range: each side must be {SIZE_MULTIPLE}..{max_side} pixels")
+    if len(values) == 1:
+        return ShortSide(values[0])
+    if values[0] % SIZE_MULTIPLE or values[1] % SIZE_MULTIPLE:
+        raise ValueError(f"size {text!r}: height and width must be multiples of {SIZE_MULTIPLE}")
+    return values[0], values[1]
+
+
+def input_size(spec: SizeSpec, height: int, width: int, *, max_side: int = MAX_MODEL_SIDE) -> Size:
+    """The model input size for an image of ``height`` x ``width`` under ``spec``."""
+    if isinstance(spec, ShortSide):
+        size = short_side_size(height, width, spec.pixels)
+    else:
+        size = resolve_size(spec, height, width)
+    if max(size) > max_side:
+        raise ValueError(f"model input {size[0]}x{size[1]} exceeds the limit of {max_side} pixels per side")
+    return size
 
 
 def resize_rgb(rgb: np.ndarray, size: Size) -> np.ndarray:

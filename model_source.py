@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fileio import atomic_path
+from errors import ModnetError
 
 DEFAULT_MODEL_ID = "onnx-community/modnet-webnn"
 MODEL_FILE = "onnx/model.onnx"
@@ -42,7 +43,7 @@ SYNTHETIC_WARNING = (
 )
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(ModnetError, RuntimeError):
     """The model could not be found, downloaded or verified; the message says which."""
 
     def __init__(self, message: str, attempts: tuple[str, ...] = ()) -> None:
@@ -50,12 +51,27 @@ class ModelSourceError(RuntimeError):
         self.attempts = attempts
 
 
+class ChecksumError(ModelSourceError):
+    """A file whose sha256 is not the one expected: final, never retried or replaced."""
+
+
+class TransferError(ModelSourceError):
+    """One transfer broke off or was truncated: worth another attempt."""
+
+
+class DownloadError(ModelSourceError):
+    """Nothing could be downloaded (offline, refused, every method failed); ``attempts`` says why."""
+
+
+class ModelNotFoundError(ModelSourceError):
+    """A local path that does not exist, or a spec that names nothing."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     source: str  # "cache", "download", "local", "url" or "synthetic"
     path: str
     sha256: str
-    spec: str
     method: str | None = None  # how it was downloaded: modelscope, huggingface_hub, https
     warning: str | None = None
     attempts: tuple[str, ...] = ()  # why each download method failed, when any did
@@ -72,7 +88,7 @@ def sha256_of(path: str, chunk: int = 1 << 20) -> str:
 def _check_sha(path: str, expected: str | None, what: str) -> str:
     actual = sha256_of(path)
     if expected and actual.lower() != expected.lower():
-        raise ModelSourceError(f"checksum mismatch for {what}: expected sha256 {expected.lower()}, got {actual}")
+        raise ChecksumError(f"checksum mismatch for {what}: expected sha256 {expected.lower()}, got {actual}")
     return actual
 
 
@@ -109,14 +125,12 @@ def download(
                 _fetch(url, tmp, timeout, progress)
                 return _check_sha(tmp, sha256, url)
         except urllib.error.HTTPError as exc:
-            raise ModelSourceError(f"download of {url} failed: {_reason(exc)}") from None
-        except ModelSourceError as exc:
-            if "checksum" in str(exc):
-                raise
+            raise DownloadError(f"download of {url} failed: {_reason(exc)}") from None
+        except TransferError as exc:
             last = str(exc)
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             last = _reason(exc)
-    raise ModelSourceError(f"download of {url} failed after {max(1, retries)} attempt(s): {last}")
+    raise DownloadError(f"download of {url} failed after {max(1, retries)} attempt(s): {last}")
 
 
 def _fetch(url: str, path: str, timeout: float, progress: bool) -> None:
@@ -134,7 +148,7 @@ def _fetch(url: str, path: str, timeout: float, progress: bool) -> None:
                 try:
                     block = response.read(1 << 16)
                 except Exception as exc:  # http.client.IncompleteRead and friends
-                    raise ModelSourceError(f"transfer broke off after {received} bytes ({type(exc).__name__})") from None
+                    raise TransferError(f"transfer broke off after {received} bytes ({type(exc).__name__})") from None
                 if not block:
                     break
                 out.write(block)
@@ -145,7 +159,7 @@ def _fetch(url: str, path: str, timeout: float, progress: bool) -> None:
             if bar is not None:
                 bar.close()
     if total is not None and received != total:
-        raise ModelSourceError(f"download truncated: received {received} of {total} bytes")
+        raise TransferError(f"download truncated: received {received} of {total} bytes")
 
 
 def _hf_endpoint() -> str:
@@ -205,29 +219,29 @@ def resolve_model(
         name = os.path.basename(urllib.parse.urlparse(spec).path) or "model.onnx"
         dest = os.path.join(models_dir, name)
         if sha256 and os.path.exists(dest) and sha256_of(dest) == sha256.lower():
-            return ModelSource("cache", dest, sha256.lower(), spec)
+            return ModelSource("cache", dest, sha256.lower())
         if offline:
-            raise ModelSourceError(f"{spec}: offline, and no verified copy at {dest}")
+            raise DownloadError(f"{spec}: offline, and no verified copy at {dest}")
         log(f"downloading {spec}")
         digest = download(spec, dest, sha256, timeout, retries, progress)
-        return ModelSource("url", dest, digest, spec, method="https")
+        return ModelSource("url", dest, digest, method="https")
 
     if os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec):
         if not os.path.isfile(spec):
-            raise ModelSourceError(f"{spec}: no such file")
-        return ModelSource("local", os.path.abspath(spec), _check_sha(spec, sha256, spec), spec)
+            raise ModelNotFoundError(f"{spec}: no such file")
+        return ModelSource("local", os.path.abspath(spec), _check_sha(spec, sha256, spec))
 
     if not _MODEL_ID_RE.match(spec):
-        raise ModelSourceError(f"{spec!r} is neither a file, an http(s) URL nor a model id like {DEFAULT_MODEL_ID}")
+        raise ModelNotFoundError(f"{spec!r} is neither a file, an http(s) URL nor a model id like {DEFAULT_MODEL_ID}")
     expected = sha256 or KNOWN_SHA256.get((spec, MODEL_FILE))
     dest = cache_path(spec, MODEL_FILE, models_dir)
     if os.path.exists(dest):
         digest = sha256_of(dest)
         if expected is None or digest == expected.lower():
-            return ModelSource("cache", dest, digest, spec)
+            return ModelSource("cache", dest, digest)
         log(f"cached {dest} has the wrong sha256; fetching it again")
     if offline:
-        raise ModelSourceError(f"{spec}: offline, and no verified copy at {dest}")
+        raise DownloadError(f"{spec}: offline, and no verified copy at {dest}")
     attempts = []
     methods = (
         ("modelscope", _via_modelscope, {}),
@@ -238,15 +252,15 @@ def resolve_model(
         try:
             log(f"downloading {spec}/{MODEL_FILE} via {method}")
             digest = fetch(spec, MODEL_FILE, dest, expected, **extra)
-            return ModelSource("download", dest, digest, spec, method=method, attempts=tuple(attempts))
+            return ModelSource("download", dest, digest, method=method, attempts=tuple(attempts))
+        except ChecksumError:
+            raise
         except ModelSourceError as exc:
-            if "checksum" in str(exc):
-                raise
             attempts.append(f"{method}: {exc}")
         except Exception as exc:  # third-party clients raise their own types when offline
             attempts.append(f"{method}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         log(f"  {attempts[-1]}")
-    raise ModelSourceError(f"could not download {spec}: " + "; ".join(attempts), tuple(attempts))
+    raise DownloadError(f"could not download {spec}: " + "; ".join(attempts), tuple(attempts))
 
 
 def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str, ...] = ()) -> ModelSource:
@@ -257,4 +271,32 @@ def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str
     if not os.path.exists(path):
         synthetic_model.generate(os.path.dirname(path), ["webnn"])
         os.replace(os.path.join(os.path.dirname(path), "modnet_webnn.onnx"), path)
-    return ModelSource("synthetic", path, sha256_of(path), "synthetic", warning=SYNTHETIC_WARNING, attempts=attempts)
+    return ModelSource("synthetic", path, sha256_of(path), method="generated", warning=SYNTHETIC_WARNING,
+                       attempts=attempts)
+
+
+def resolve_or_fallback(
+    spec: str = DEFAULT_MODEL_ID,
+    models_dir: str = DEFAULT_MODELS_DIR,
+    *,
+    allow_synthetic: bool,
+    sha256: str | None = None,
+    offline: bool = False,
+    timeout: float = 30.0,
+    retries: int = 3,
+    log: Callable[[str], None] = lambda msg: None,
+) -> ModelSource:
+    """:func:`resolve_model`, falling back to the generated model only when that is honest.
+
+    The fallback happens for the default model id when nothing could be
+    downloaded (offline, refused, every method failed) and ``allow_synthetic``
+    is set. Never for a local path, a URL, another id, or a checksum mismatch:
+    those are the user's own file or a tampered one, and a stand-in would hide it.
+    """
+    try:
+        return resolve_model(spec, models_dir, sha256, offline, timeout, retries, log=log)
+    except DownloadError as exc:
+        if not (allow_synthetic and spec == DEFAULT_MODEL_ID):
+            raise
+        log("no download possible; falling back to a generated model")
+        return synthetic_fallback(models_dir, attempts=exc.attempts or (str(exc),))

@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from convert_onnx_to_torch import Conversion, ConversionError, convert, describe
-from modnet_model import MODNet, check_input_size
-from weight_extractor import OnnxReadError, OnnxWeights, ValueInfo, read_weights, summarize
+from modnet_model import IBNorm, MODNet, check_input_size
+from weight_extractor import GraphFacts, OnnxReadError, OnnxWeights, ValueInfo, read_weights, summarize
 
 BRANCHES = {"backbone": "backbone", "lr_branch": "low-res", "hr_branch": "high-res", "f_branch": "fusion"}
 
@@ -102,10 +104,11 @@ def analyse(
     width: int = 256,
     batch: int = 1,
     conversion: Conversion | None = None,
+    facts: GraphFacts | None = None,
 ) -> ArchReport:
-    """Analyse a MODNet graph; pass ``conversion`` when the file was already converted."""
+    """Analyse a MODNet graph; pass ``conversion`` (and ``facts``) when already computed."""
     weights = source if isinstance(source, OnnxWeights) else read_weights(source)
-    facts = weights.facts()
+    facts = facts or weights.facts()
     conversion = conversion or convert(weights)
     model, report = conversion.model, conversion.report
     costs = layer_costs(model, height, width)
@@ -149,7 +152,7 @@ def analyse(
         num_file_values=summary.num_float_values,
         num_folded_batchnorms=report.num_folded_batchnorms,
         num_convolutions=len(rows),
-        num_ibnorm=sum(1 for m in modules.values() if type(m).__name__ == "IBNorm"),
+        num_ibnorm=sum(1 for m in modules.values() if isinstance(m, IBNorm)),
         num_linear=sum(1 for m in modules.values() if isinstance(m, nn.Linear)),
         size=(height, width),
         batch=batch,
@@ -223,6 +226,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+
+# --------------------------------------------------------------------------
+# counting operators
+# --------------------------------------------------------------------------
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a forward dispatches (a stand-in for accelerator launches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose",
+            "permute", "as_strided", "reshape", "alias", "detach", "flatten"}
+
+
+def count_ops(model: nn.Module, x: torch.Tensor) -> tuple[int, int, Counter]:
+    """(all operators, operators that launch a kernel i.e. not views, per-op counts) for one forward."""
+    counter = OpCounter()
+    with torch.inference_mode(), counter:
+        model(x)
+    kernels = sum(n for op, n in counter.ops.items() if op not in VIEW_OPS)
+    return counter.total, kernels, counter.ops
 
 
 if __name__ == "__main__":

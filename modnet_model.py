@@ -22,6 +22,7 @@ This module knows nothing of ONNX.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
@@ -29,6 +30,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from errors import ModnetError
 
 INSTANCE_NORM_EPS = 1e-5
 SIZE_MULTIPLE = 32  # the backbone downsamples five times
@@ -344,7 +346,7 @@ _TRAINING_ONLY_PREFIXES = ("lr_branch.conv_lr.", "hr_branch.conv_hr.")
 _DUPLICATE_PREFIX = "lr_branch.backbone."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModnetError, ValueError):
     """An official-style checkpoint that does not fit MODNet."""
 
 
@@ -380,3 +382,27 @@ def remap_official_state_dict(
             raise CheckpointError(f"checkpoint's two copies of {key} differ")
     return out
 
+
+def load_checkpoint(path: str) -> MODNet:
+    """MODNet from an official checkpoint or a state dict saved by this tool."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict")
+    model = MODNet()
+    try:
+        model.load_state_dict(remap_official_state_dict(state), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit MODNet: {str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+    return model.eval()

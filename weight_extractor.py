@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from fileio import atomic_path
+from errors import ModnetError
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -33,7 +34,7 @@ FLOAT_TYPES = {
 }
 
 
-class OnnxReadError(ValueError):
+class OnnxReadError(ModnetError, ValueError):
     """The file is missing, unreadable, or not an ONNX model."""
 
 
@@ -68,7 +69,6 @@ class ValueInfo:
 class GraphFacts:
     path: str
     opset: int
-    ir_version: int
     producer: str
     inputs: tuple[ValueInfo, ...]
     outputs: tuple[ValueInfo, ...]
@@ -158,6 +158,7 @@ class OnnxWeights:
         self._producer = {out: node for node in graph.node for out in node.output if out}
         self._derived: dict[str, np.ndarray | None] = {}
         self._derived_sources: dict[str, tuple[str, ...]] = {}
+        self._facts: GraphFacts | None = None
 
     def _add(self, name: str, raw: np.ndarray, dtype: str, source: str) -> None:
         self.arrays[name] = _to_float32(np.asarray(raw))
@@ -205,6 +206,12 @@ class OnnxWeights:
         return name in self.infos and self.arrays[name].dtype == np.float32
 
     def facts(self) -> GraphFacts:
+        """The graph's contract and inventory (computed once: the model is not changed after loading)."""
+        if self._facts is None:
+            self._facts = self._read_facts()
+        return self._facts
+
+    def _read_facts(self) -> GraphFacts:
         graph = self.model.graph
         init_names = {i.name for i in graph.initializer}
         opset = max(
@@ -215,7 +222,6 @@ class OnnxWeights:
         return GraphFacts(
             path=self.path,
             opset=int(opset),
-            ir_version=int(self.model.ir_version),
             producer=producer,
             # old exporters list initializers among the inputs too
             inputs=tuple(_value_info(v) for v in graph.input if v.name not in init_names),

@@ -172,23 +172,14 @@ def test_missing_model_does_not_silently_use_a_generated_one(tmp_path, capsys):
     assert code == 1 and "offline" in capsys.readouterr().err
 
 
-def test_auto_backend_choice(monkeypatch):
-    import devices
-    import torch
-
-    assert inference.choose_backend("ort", "auto")[0] == "ort"
-    assert inference.choose_backend("auto", "cpu")[0] == "torch"
-    monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cpu"))
-    backend, why = inference.choose_backend("auto", "auto")
-    assert backend == "ort" and "faster engine" in why
-    monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cuda", 0))
-    assert inference.choose_backend("auto", "auto")[0] == "torch"
-
-
 def test_cli_prints_the_backend_it_chose(tmp_path, webnn_file, capsys):
     code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--model", webnn_file, "--mode", "matte"])
     err = capsys.readouterr().err
-    assert code == 0 and "backend" in err and "ONNX Runtime" in err
+    from engines import choose_backend
+
+    chosen, why = choose_backend("auto", "auto")  # whatever this machine has
+    described = "ONNX Runtime" if chosen == "ort" else "PyTorch on"
+    assert code == 0 and f"backend {chosen} ({why})" in err and described in err
 
 
 def test_output_folder_inside_the_input_is_not_read_back(tmp_path, webnn_file, capsys):

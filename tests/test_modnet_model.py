@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert_onnx_to_torch import load_checkpoint
+from modnet_model import load_checkpoint
 from modnet_model import CheckpointError, MODNet, instance_norm, remap_official_state_dict
 
 

@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from modnet_fast import count_ops, optimize, with_precision
+from inference_form import optimize, with_precision
+from modnet_arch import count_ops
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-import fast_path as fp
-from modnet_fast import optimize
+import acceleration as fp
+from inference_form import optimize
 
 
 class FakeGraphs:

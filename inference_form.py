@@ -15,12 +15,11 @@ and at 256x256 launches, not arithmetic, set MODNet's latency there.
 """
 from __future__ import annotations
 
-from collections import Counter
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from precision import PRECISIONS
 from modnet_model import INSTANCE_NORM_EPS, MODNet, MODNetConfig, check_input_size
 
 
@@ -193,9 +192,6 @@ def optimize(model: MODNet) -> FastMODNet:
     return FastMODNet(model.eval()).eval()
 
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, torch.dtype]:
     """The model set to ``precision`` and the dtype its input should have.
 
@@ -206,38 +202,3 @@ def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, torch.d
     if isinstance(model, FastMODNet):
         return model.set_precision(dtype), torch.float32
     return model.to(dtype), dtype
-
-
-# --------------------------------------------------------------------------
-# counting operators
-# --------------------------------------------------------------------------
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operators a forward dispatches (a stand-in for accelerator launches)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose",
-            "permute", "as_strided", "reshape", "alias", "detach", "flatten"}
-
-
-def count_ops(model: nn.Module, x: torch.Tensor) -> tuple[int, int, Counter]:
-    """(all operators, operators that launch a kernel i.e. not views, per-op counts) for one forward."""
-    counter = OpCounter()
-    with torch.inference_mode(), counter:
-        model(x)
-    kernels = sum(n for op, n in counter.ops.items() if op not in VIEW_OPS)
-    return counter.total, kernels, counter.ops
-

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-import devices
 from fileio import atomic_path
+from model_source import DEFAULT_MODELS_DIR
+from errors import ModnetError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-DEFAULT_COMPILE_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", ".compile-cache")
-# a cache folder the user chose before starting wins over ours (read now: inductor
-# writes its own default into the environment once it has looked)
-_USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+DEFAULT_COMPILE_CACHE = os.path.join(DEFAULT_MODELS_DIR, ".compile-cache")
 
 
 # --------------------------------------------------------------------------
@@ -135,7 +131,7 @@ class GraphCache:
 # --------------------------------------------------------------------------
 
 
-class FastPathError(RuntimeError):
+class FastPathError(ModnetError, RuntimeError):
     """A fast-path option this device or installation cannot honour."""
 
 
@@ -209,8 +205,6 @@ def compile_model(model: nn.Module, device: torch.device, cache_dir: str = DEFAU
     if device.type not in ("cpu", "cuda"):
         raise FastPathError(f"--compile is not supported on {device.type}; run without it")
     os.makedirs(cache_dir, exist_ok=True)
-    # inductor's own scratch files go beside our packages (a folder the user chose wins)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_CACHE_DIR or os.path.join(cache_dir, "inductor")
     return AotCompiled(model, device, cache_dir, log)
 
 
@@ -246,6 +240,11 @@ class BatchParallel:
         # activations in cache, which a sub-batch would not
         return torch.cat(list(self.pool.map(self._run, x.split(1))))
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
 
 # --------------------------------------------------------------------------
 # all together
@@ -259,6 +258,7 @@ class Runner:
     forward: Forward
     pieces: tuple[str, ...]
     graphs: GraphCache | None = None
+    parallel: BatchParallel | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -267,6 +267,11 @@ class Runner:
     @property
     def describe(self) -> str:
         return ", ".join(self.pieces) or "eager"
+
+    def close(self) -> None:
+        """Shut the CPU worker threads down (the runner still works, serially)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
 
 def make_runner(
@@ -298,39 +303,8 @@ def make_runner(
         cache = GraphCache(fn, factory, max_graphs)
         fn = cache
         pieces.append("graph capture")
+    parallel = None
     if device.type == "cpu" and threads > 1 and not compile:
-        fn = BatchParallel(fn, threads)
+        fn = parallel = BatchParallel(fn, threads)
         pieces.append(f"batch-parallel x{threads}")
-    return Runner(fn, tuple(pieces), cache)
-
-
-class TorchEngine:
-    """A MODNet module on a device at a precision, called through :func:`make_runner`.
-
-    Takes normalised input (numpy or tensor), returns float32 numpy; ``timed``
-    measures one synchronised forward of an on-device tensor.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32", compile: bool = False,
-                 graphs: str = "auto", threads: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
-        from modnet_fast import with_precision
-
-        self.device = device
-        threads = threads or (os.cpu_count() or 1)
-        if device.type == "cpu":
-            devices.setup_cpu(threads)
-        self.model, self.dtype = with_precision(model.to(device).eval(), precision)
-        self.runner = make_runner(self.model, device, compile=compile, graphs=graphs, threads=threads, log=log)
-        self.describe = self.runner.describe
-
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
-        return self.runner(t).float().cpu().numpy()
-
-    def timed(self, x: torch.Tensor) -> float:
-        """Milliseconds for one forward of an on-device tensor, synchronised."""
-        devices.synchronize(self.device)
-        start = time.perf_counter()
-        self.runner(x)
-        devices.synchronize(self.device)
-        return (time.perf_counter() - start) * 1000.0
+    return Runner(fn, tuple(pieces), cache, parallel)

@@ -1,0 +1,22 @@
+"""What each PyTorch-side precision means: its dtype and the parity bounds it is held to.
+
+One table, read by the model form (which parts run in half precision), the
+engines, the pipeline's verdict and the layer-by-layer comparison.
+"""
+from __future__ import annotations
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Parity MAE bound on the final matte, per precision: fp32 must be a faithful port
+# (~1e-5 measured); the half-precision bounds are the fast path's targets.
+MAE_THRESHOLDS: dict[str, float] = {"fp32": 1e-3, "fp16": 2e-3, "bf16": 1e-2}
+MAX_ERROR_THRESHOLD = 5e-2
+
+
+def check(precision: str) -> str:
+    """``precision`` itself, or ValueError naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return precision
