@@ -2,7 +2,7 @@
 
 How it works, and why this way: exports of the same network differ in tensor
 names, node order, constant storage, BatchNorm folding, Linear form and
-precision (MODNET.md section 3), so nothing here relies on names or order.
+precision (README, "The converter"), so nothing here relies on names or order.
 
 1. A table of small handlers keyed by op type turns each weight-carrying node
    (Conv, BatchNormalization, MatMul/Gemm) into a *unit* with a structural
@@ -30,7 +30,7 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence, Union
 
 import numpy as np
 import onnx
@@ -61,7 +61,7 @@ class OnnxUnit:
     """One weight-carrying layer of the ONNX graph (a Conv possibly with its BatchNorm)."""
 
     kind: str  # "conv", "bn" or "linear"
-    label: tuple
+    label: Label
     node: onnx.NodeProto
     data_input: str
     tensors: dict[str, np.ndarray]  # role -> value, e.g. "weight", "bias", "bn_mean"
@@ -88,15 +88,42 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def describe(label: tuple) -> str:
+class ConvLabel(NamedTuple):
+    """What a convolution is, structurally: the key both sides are matched on."""
+
+    kind: str  # "conv"
+    out_channels: int
+    in_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    groups: int
+
+
+class BnLabel(NamedTuple):
+    kind: str  # "bn"
+    channels: int
+
+
+class LinearLabel(NamedTuple):
+    kind: str  # "linear"
+    in_features: int
+    out_features: int
+
+
+Label = Union[ConvLabel, BnLabel, LinearLabel]
+
+
+def describe(label: Label) -> str:
     """A label as a person reads it, e.g. 'Conv 1280->96 5x5 stride 1'."""
-    if label[0] == "conv":
-        _, o, i, kh, kw, sh, sw, g = label
-        grp = f" groups {g}" if g != 1 else ""
-        return f"Conv {i}->{o} {kh}x{kw} stride {sh if sh == sw else (sh, sw)}{grp}"
-    if label[0] == "bn":
-        return f"BatchNorm {label[1]}"
-    return f"Linear {label[1]}->{label[2]}"
+    if isinstance(label, ConvLabel):
+        s = label.stride_h if label.stride_h == label.stride_w else (label.stride_h, label.stride_w)
+        grp = f" groups {label.groups}" if label.groups != 1 else ""
+        return f"Conv {label.in_channels}->{label.out_channels} {label.kernel_h}x{label.kernel_w} stride {s}{grp}"
+    if isinstance(label, BnLabel):
+        return f"BatchNorm {label.channels}"
+    return f"Linear {label.in_features}->{label.out_features}"
 
 
 class _Context:
@@ -180,7 +207,7 @@ def _conv(node: onnx.NodeProto, ctx: _Context) -> OnnxUnit:
     src = ctx.claim(node, (1, 2))
     tensors = {"weight": w} | ({"bias": b} if b is not None else {})
     sources = {"weight": src[1]} | ({"bias": src[2]} if 2 in src else {})
-    label = ("conv", int(o), int(ipg * groups), int(kh), int(kw), int(sh), int(sw), groups)
+    label = ConvLabel("conv", int(o), int(ipg * groups), int(kh), int(kw), int(sh), int(sw), groups)
     return OnnxUnit("conv", label, node, node.input[0], tensors, sources, {"pads": tuple(pads)}, extra_inputs=extra)
 
 
@@ -193,7 +220,7 @@ def _batchnorm(node: onnx.NodeProto, ctx: _Context) -> OnnxUnit:
         if v.shape != (c,):
             raise ConversionError(f"BatchNormalization node {_node_name(node)!r}: {name!r} has shape {v.shape}, expected ({c},)")
     src = ctx.claim(node, range(1, 5))
-    unit = OnnxUnit("bn", ("bn", int(c)), node, node.input[0], dict(zip(roles, values)),
+    unit = OnnxUnit("bn", BnLabel("bn", int(c)), node, node.input[0], dict(zip(roles, values)),
                     {r: src[i + 1] for i, r in enumerate(roles)})
     unit.attrs["eps"] = float(_attr(node, "epsilon", 1e-5))
     return unit
@@ -208,7 +235,7 @@ def _matmul(node: onnx.NodeProto, ctx: _Context) -> OnnxUnit:
         raise ConversionError(f"MatMul node {_node_name(node)!r}: weight {node.input[1]!r} is {w.ndim}-D, expected 2-D")
     src = ctx.claim(node, (1,))
     weight = np.ascontiguousarray(w.T)  # ONNX stores (in, out); nn.Linear wants (out, in)
-    return OnnxUnit("linear", ("linear", int(w.shape[0]), int(w.shape[1])), node, node.input[0],
+    return OnnxUnit("linear", LinearLabel("linear", int(w.shape[0]), int(w.shape[1])), node, node.input[0],
                     {"weight": weight}, {"weight": src[1]})
 
 
@@ -226,7 +253,7 @@ def _gemm(node: onnx.NodeProto, ctx: _Context) -> OnnxUnit:
         )
     src = ctx.claim(node, (1, 2))
     out_f, in_f = weight.shape
-    return OnnxUnit("linear", ("linear", int(in_f), int(out_f)), node, node.input[0],
+    return OnnxUnit("linear", LinearLabel("linear", int(in_f), int(out_f)), node, node.input[0],
                     {"weight": weight}, {"weight": src[1]})
 
 
@@ -355,10 +382,10 @@ def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
     for unit in units:
         conv = producer_unit.get(unit.data_input) if unit.kind == "bn" else None
         if conv is not None and len(consumers[unit.data_input]) == 1 and conv.bn_node is None:
-            if unit.label[1] != conv.label[1]:
+            if unit.label.channels != conv.label.out_channels:
                 raise ConversionError(
-                    f"BatchNormalization node {unit.name!r} has {unit.label[1]} channels after "
-                    f"Conv node {conv.name!r} with {conv.label[1]}"
+                    f"BatchNormalization node {unit.name!r} has {unit.label.channels} channels after "
+                    f"Conv node {conv.name!r} with {conv.label.out_channels}"
                 )
             conv.bn_node = unit.node
             conv.tensors.update(unit.tensors)
@@ -396,7 +423,7 @@ def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
 @dataclass
 class ModelUnit:
     kind: str
-    label: tuple
+    label: Label
     conv: str | None  # module names
     bn: str | None
     linear: str | None
@@ -449,7 +476,7 @@ def trace_model_units(cfg: MODNetConfig = MODNetConfig(), size: int = 64) -> lis
         x = inputs[0]
         if isinstance(module, nn.Conv2d):
             k, s = module.kernel_size, module.stride
-            label = ("conv", module.out_channels, module.in_channels, k[0], k[1], s[0], s[1], module.groups)
+            label = ConvLabel("conv", module.out_channels, module.in_channels, k[0], k[1], s[0], s[1], module.groups)
             unit = ModelUnit("conv", label, name, None, None, preds)
         elif isinstance(module, nn.BatchNorm2d):
             conv = produced_by_conv.get(id(x))
@@ -457,9 +484,9 @@ def trace_model_units(cfg: MODNetConfig = MODNetConfig(), size: int = 64) -> lis
                 unit_of[conv].bn = name
                 unit_of[name] = unit_of[conv]
                 return
-            unit = ModelUnit("bn", ("bn", module.num_features), None, name, None, preds)
+            unit = ModelUnit("bn", BnLabel("bn", module.num_features), None, name, None, preds)
         else:
-            unit = ModelUnit("linear", ("linear", module.in_features, module.out_features), None, None, name, preds)
+            unit = ModelUnit("linear", LinearLabel("linear", module.in_features, module.out_features), None, None, name, preds)
         units.append(unit)
         unit_of[name] = unit
 

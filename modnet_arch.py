@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from convert_onnx_to_torch import Conversion, ConversionError, convert, describe
+from convert_onnx_to_torch import Conversion, ConversionError, ConvLabel, convert, describe
 from modnet_model import IBNorm, MODNet, check_input_size
 from weight_extractor import GraphFacts, OnnxReadError, OnnxWeights, ValueInfo, read_weights, summarize
 
@@ -183,7 +183,7 @@ def format_report(r: ArchReport) -> str:
         f"  {'#':>2} {'layer':<38} {'branch':<9} {'conv':<34} {'out':>9} {'MMAC':>8}  onnx node",
     ]
     for c in r.convs:
-        conv = describe(("conv", c.out_channels, c.in_channels, c.kernel, c.kernel, c.stride, c.stride, c.groups))
+        conv = describe(ConvLabel("conv", c.out_channels, c.in_channels, c.kernel, c.kernel, c.stride, c.stride, c.groups))
         lines.append(
             f"  {c.index:>2} {c.module:<38} {c.branch:<9} {conv[5:]:<34} "
             f"{c.out_height:>4}x{c.out_width:<4} {c.macs / 1e6:>8.1f}  {c.onnx_node}"

@@ -80,7 +80,7 @@ class IBNorm(nn.Module):
 
 
 class Conv2dIBNormRelu(nn.Module):
-    """Conv2d (with bias) -> IBNorm -> ReLU; ``CIR`` in MODNET.md."""
+    """Conv2d (with bias) -> IBNorm -> ReLU (the paper's conv-IBNorm-ReLU block)."""
 
     def __init__(
         self,
