@@ -298,49 +298,45 @@ class OnnxGraph:
     claimed: set[str]
 
 
-def _topological(graph: onnx.GraphProto, known: set[str]) -> list[onnx.NodeProto]:
-    producer = {}
-    for node in graph.node:
-        for out in node.output:
-            if out:
-                producer[out] = node
-    order, state = [], {}
-    for root in graph.node:
-        if id(root) in state:
+def _push_producers(node: onnx.NodeProto, known: set[str], producer: dict, state: dict, stack: list) -> None:
+    """Queue the producers of ``node``'s inputs that are not done yet."""
+    for name in node.input:
+        if not name or name in known:
             continue
-        stack = [(root, False)]
+        if name not in producer:
+            raise ConversionError(
+                f"tensor {name!r} used by {node.op_type} node {_node_name(node)!r} is produced by no node"
+            )
+        dep = producer[name]
+        if state.get(id(dep)) == 1:
+            raise ConversionError(f"the graph has a cycle through node {_node_name(dep)!r}")
+        if state.get(id(dep)) != 2:
+            stack.append((dep, False))
+
+
+def _topological(graph: onnx.GraphProto, known: set[str]) -> list[onnx.NodeProto]:
+    """Nodes in an order where every node comes after its inputs' producers (files need not be sorted)."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+    order, state = [], {}  # state: 1 = on the current path, 2 = done
+    for root in graph.node:
+        stack = [(root, False)] if id(root) not in state else []
         while stack:
             node, done = stack.pop()
             if done:
                 state[id(node)] = 2
                 order.append(node)
-                continue
-            if state.get(id(node)) == 2:
-                continue
-            if state.get(id(node)) == 1:
-                raise ConversionError(f"the graph has a cycle through node {_node_name(node)!r}")
-            state[id(node)] = 1
-            stack.append((node, True))
-            for name in node.input:
-                if not name or name in known:
-                    continue
-                if name not in producer:
-                    raise ConversionError(
-                        f"tensor {name!r} used by {node.op_type} node {_node_name(node)!r} is produced by no node"
-                    )
-                dep = producer[name]
-                if state.get(id(dep)) != 2:
-                    if state.get(id(dep)) == 1:
-                        raise ConversionError(f"the graph has a cycle through node {_node_name(dep)!r}")
-                    stack.append((dep, False))
+            elif state.get(id(node)) != 2:
+                if state.get(id(node)) == 1:
+                    raise ConversionError(f"the graph has a cycle through node {_node_name(node)!r}")
+                state[id(node)] = 1
+                stack.append((node, True))
+                _push_producers(node, known, producer, state, stack)
     return order
 
 
-def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
-    """Find the weight-carrying units of a graph and their predecessors."""
-    graph = weights.model.graph
-    facts = weights.facts()
-    images = [v for v in facts.inputs]
+def _check_contract(facts) -> None:
+    """One [N, 3, H, W] image in, one matte out; ConversionError otherwise."""
+    images = list(facts.inputs)
     if len(images) != 1:
         names = ", ".join(v.name for v in images) or "none"
         raise ConversionError(f"not a MODNet graph: expected one image input, found {len(images)} ({names})")
@@ -352,54 +348,48 @@ def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
     if len(facts.outputs) != 1:
         raise ConversionError(f"not a MODNet graph: expected one output, found {len(facts.outputs)}")
 
+
+def _refuse_hardware_layouts(graph: onnx.GraphProto) -> None:
     layout_ops = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft.nchwc"})
     if layout_ops:
         raise ConversionError(
             f"the graph was saved by ONNX Runtime with hardware-specific layout optimisations "
             f"({', '.join(layout_ops)}); convert the original file, or one saved with ORT_ENABLE_EXTENDED or lower"
         )
-    ctx = _Context(weights)
-    known = {image.name} | set(weights.arrays)
-    nodes = _topological(graph, known)
-    units: list[OnnxUnit] = []
-    unit_of_node: dict[int, OnnxUnit] = {}
-    for node in nodes:
-        fn = HANDLERS.get(node.op_type)
-        if fn is None:
-            continue
-        unit = fn(node, ctx)
-        if unit is not None:
-            units.append(unit)
-            unit_of_node[id(node)] = unit
 
-    # merge a BatchNorm that reads a Conv's output directly (and alone) into the Conv
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+
+def _merge_batchnorms(nodes: Sequence[onnx.NodeProto], units: list[OnnxUnit],
+                      unit_of_node: dict[int, OnnxUnit]) -> list[OnnxUnit]:
+    """Units with each BatchNorm that reads a Conv's output directly (and alone) merged into the Conv."""
+    consumers: dict[str, int] = defaultdict(int)
     for node in nodes:
         for name in node.input:
-            consumers[name].append(node)
+            consumers[name] += 1
     producer_unit = {u.node.output[0]: u for u in units if u.kind == "conv"}
     merged: list[OnnxUnit] = []
     for unit in units:
         conv = producer_unit.get(unit.data_input) if unit.kind == "bn" else None
-        if conv is not None and len(consumers[unit.data_input]) == 1 and conv.bn_node is None:
-            if unit.label.channels != conv.label.out_channels:
-                raise ConversionError(
-                    f"BatchNormalization node {unit.name!r} has {unit.label.channels} channels after "
-                    f"Conv node {conv.name!r} with {conv.label.out_channels}"
-                )
-            conv.bn_node = unit.node
-            conv.tensors.update(unit.tensors)
-            conv.sources.update(unit.sources)
-            conv.attrs.update(unit.attrs)
-            unit_of_node[id(unit.node)] = conv
+        if conv is None or consumers[unit.data_input] != 1 or conv.bn_node is not None:
+            merged.append(unit)
             continue
-        merged.append(unit)
-    units = merged
-    for i, unit in enumerate(units):
+        if unit.label.channels != conv.label.out_channels:
+            raise ConversionError(
+                f"BatchNormalization node {unit.name!r} has {unit.label.channels} channels after "
+                f"Conv node {conv.name!r} with {conv.label.out_channels}"
+            )
+        conv.bn_node = unit.node
+        conv.tensors.update(unit.tensors)
+        conv.sources.update(unit.sources)
+        conv.attrs.update(unit.attrs)
+        unit_of_node[id(unit.node)] = conv
+    for i, unit in enumerate(merged):
         unit.uid = f"u{i}"
+    return merged
 
-    # predecessors: follow data from the image through parameter-free ops
-    deps: dict[str, frozenset[str]] = {image.name: frozenset([INPUT])}
+
+def _link_predecessors(nodes: Sequence[onnx.NodeProto], unit_of_node: dict[int, OnnxUnit], image: str) -> None:
+    """Set each unit's predecessors: follow data from the image through parameter-free ops."""
+    deps: dict[str, frozenset[str]] = {image: frozenset([INPUT])}
     for node in nodes:
         unit = unit_of_node.get(id(node))
         if unit is not None:
@@ -412,6 +402,27 @@ def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
         for name in node.output:
             if name:
                 deps[name] = out
+
+
+def analyse_onnx(weights: OnnxWeights) -> OnnxGraph:
+    """Find the weight-carrying units of a graph and their predecessors."""
+    graph = weights.model.graph
+    facts = weights.facts()
+    _check_contract(facts)
+    _refuse_hardware_layouts(graph)
+    image = facts.inputs[0]
+    ctx = _Context(weights)
+    nodes = _topological(graph, {image.name} | set(weights.arrays))
+    units: list[OnnxUnit] = []
+    unit_of_node: dict[int, OnnxUnit] = {}
+    for node in nodes:
+        fn = HANDLERS.get(node.op_type)
+        unit = fn(node, ctx) if fn is not None else None
+        if unit is not None:
+            units.append(unit)
+            unit_of_node[id(node)] = unit
+    units = _merge_batchnorms(nodes, units, unit_of_node)
+    _link_predecessors(nodes, unit_of_node, image.name)
     return OnnxGraph(weights, image.name, facts.outputs[0].name, units, ctx.claimed)
 
 

@@ -98,6 +98,23 @@ def layer_costs(model: nn.Module, height: int, width: int) -> dict[str, tuple[in
     return costs
 
 
+def _conv_rows(model: nn.Module, report, costs: dict, batch: int) -> list[ConvRow]:
+    """One row per convolution, in module order, with its ONNX node and cost."""
+    nodes = {layer.module: layer.onnx_nodes for layer in report.layers}
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        h, w, macs = costs[name]
+        rows.append(ConvRow(
+            index=len(rows), module=name, branch=BRANCHES[name.split(".")[0]],
+            onnx_node=nodes.get(name, ("?",))[0], in_channels=module.in_channels,
+            out_channels=module.out_channels, kernel=module.kernel_size[0], stride=module.stride[0],
+            groups=module.groups, out_height=h, out_width=w, macs=macs * batch,
+        ))
+    return rows
+
+
 def analyse(
     source: str | OnnxWeights,
     height: int = 256,
@@ -112,29 +129,7 @@ def analyse(
     conversion = conversion or convert(weights)
     model, report = conversion.model, conversion.report
     costs = layer_costs(model, height, width)
-    nodes = {layer.module: layer.onnx_nodes for layer in report.layers}
-    modules = dict(model.named_modules())
-    rows = []
-    for name, module in modules.items():
-        if not isinstance(module, nn.Conv2d):
-            continue
-        h, w, macs = costs[name]
-        rows.append(
-            ConvRow(
-                index=len(rows),
-                module=name,
-                branch=BRANCHES[name.split(".")[0]],
-                onnx_node=nodes.get(name, ("?",))[0],
-                in_channels=module.in_channels,
-                out_channels=module.out_channels,
-                kernel=module.kernel_size[0],
-                stride=module.stride[0],
-                groups=module.groups,
-                out_height=h,
-                out_width=w,
-                macs=macs * batch,
-            )
-        )
+    rows = _conv_rows(model, report, costs, batch)
     summary = summarize(weights)
     return ArchReport(
         path=weights.path,
@@ -152,8 +147,8 @@ def analyse(
         num_file_values=summary.num_float_values,
         num_folded_batchnorms=report.num_folded_batchnorms,
         num_convolutions=len(rows),
-        num_ibnorm=sum(1 for m in modules.values() if isinstance(m, IBNorm)),
-        num_linear=sum(1 for m in modules.values() if isinstance(m, nn.Linear)),
+        num_ibnorm=sum(1 for m in model.modules() if isinstance(m, IBNorm)),
+        num_linear=sum(1 for m in model.modules() if isinstance(m, nn.Linear)),
         size=(height, width),
         batch=batch,
         macs=sum(c[2] for c in costs.values()) * batch,
