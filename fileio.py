@@ -10,8 +10,20 @@ import contextlib
 import io
 import json
 import os
+import re
+import stat
 import tempfile
 from typing import Any, Iterator
+
+TEMP_SUFFIX = ".part"
+# How old a temporary must be before a later run removes it. A live writer's file
+# can sit unmodified for minutes (a stalled download between retries, a video whose
+# encoder buffers 32 KB at a time at a frame per second), so the margin is generous.
+STALE_AFTER_S = 3600.0
+# What atomic_path names its temporaries: ".<base>.<random>.part<ext>" (mkstemp's
+# random part is letters, digits and "_"). Only names of exactly this shape are
+# ever cleaned up, so a user's ".notes.part" or "draft.part.png" is never touched.
+_TEMP_NAME = re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9_]+\.part(?P<ext>\.[A-Za-z0-9]+)?$")
 
 
 def _umask() -> int:
@@ -21,7 +33,7 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str], suffix: str = ".part") -> Iterator[str]:
+def atomic_path(dest: str | os.PathLike[str], suffix: str = TEMP_SUFFIX) -> Iterator[str]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success."""
     dest = os.fspath(dest)
     folder = os.path.dirname(os.path.abspath(dest))
@@ -37,6 +49,46 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = ".part") -> Iterator
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_path`'s temporaries."""
+    return _TEMP_NAME.match(os.path.basename(name)) is not None
+
+
+def _stale_candidates(folder: str, recursive: bool) -> Iterator[str]:
+    if recursive:
+        for root, _dirs, files in os.walk(folder):  # os.walk does not follow symlinked folders
+            yield from (os.path.join(root, f) for f in files if is_temp_name(f))
+    else:
+        with os.scandir(folder) as entries:
+            yield from (e.path for e in entries if is_temp_name(e.name))
+
+
+def clean_stale_parts(folder: str | os.PathLike[str], *, older_than: float, recursive: bool = False) -> list[str]:
+    """Remove :func:`atomic_path` temporaries in ``folder`` last modified before ``older_than``.
+
+    A run killed by SIGKILL (or a power cut) cannot run its ``finally``, so its
+    hidden ``.<base>.<random>.part<ext>`` files stay behind. Entry points call
+    this at start with a time well before their own start, so the temporaries a
+    concurrent run is still writing (their mtimes move as they are written) are
+    left alone. Only regular files whose name has exactly that shape are
+    removed, never a symlink. Returns the removed paths; a folder that does not
+    exist has nothing to clean.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for path in _stale_candidates(folder, recursive):
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < older_than:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:  # gone meanwhile (another run cleaned it), or not ours to remove
+            continue
+    return removed
 
 
 def write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
