@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
 from fileio import atomic_path
 from errors import ModnetError
@@ -36,6 +37,10 @@ FLOAT_TYPES = {
 
 class OnnxReadError(ModnetError, ValueError):
     """The file is missing, unreadable, or not an ONNX model."""
+
+
+class MissingExternalDataError(OnnxReadError):
+    """An external-data file the model names does not exist (beside the model)."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,8 @@ def _value_info(vi: onnx.ValueInfoProto) -> ValueInfo:
     return ValueInfo(vi.name, _dtype_name(tt.elem_type), tuple(dims))
 
 
-def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load an ONNX file with its external data; OnnxReadError on any failure."""
-    path = os.fspath(path)
+def _read_proto(path: str) -> onnx.ModelProto:
+    """The model proto alone, its external data not read yet."""
     if not os.path.exists(path):
         raise OnnxReadError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -103,19 +107,160 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if os.path.getsize(path) == 0:
         raise OnnxReadError(f"{path}: file is empty")
     try:
-        model = onnx.load(path, load_external_data=True)
-    except FileNotFoundError as exc:
-        raise OnnxReadError(f"{path}: external data file missing: {exc.filename or exc}") from None
+        return onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "should be stored in" in reason:  # onnx's words for a missing external data file
-            raise OnnxReadError(f"{path}: external data file missing: {reason}") from None
-        raise OnnxReadError(
-            f"{path}: not a readable ONNX file (truncated or corrupt?): {reason}"
-        ) from None
+        raise OnnxReadError(f"{path}: not a readable ONNX file (truncated or corrupt?): {reason}") from None
+
+
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load an ONNX file with its external data; OnnxReadError on any failure.
+
+    Model files are untrusted input: every external-data reference is checked
+    (:func:`check_external_data`) before a byte of it is read.
+    """
+    path = os.fspath(path)
+    model = _read_proto(path)
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise OnnxReadError(f"{path}: not a readable ONNX file (no graph nodes; truncated?)")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    if check_external_data(model, base_dir, path):
+        try:
+            external_data_helper.load_external_data_for_model(model, base_dir)
+        except FileNotFoundError as exc:  # removed between the check and the read
+            raise MissingExternalDataError(f"{path}: external data file missing: {exc.filename or exc}") from None
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OnnxReadError(f"{path}: external data could not be read: {reason}") from None
     return model
+
+
+# --------------------------------------------------------------------------
+# external data: checked before it is read
+# --------------------------------------------------------------------------
+
+_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+# sub-byte types are packed: bits per element
+_PACKED_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _attribute_tensors(attr: onnx.AttributeProto) -> Iterator[onnx.TensorProto]:
+    if attr.HasField("t"):
+        yield attr.t
+    yield from attr.tensors
+    if attr.HasField("sparse_tensor"):
+        yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+    if attr.HasField("g"):
+        yield from _graph_tensors(attr.g)
+    for sub in attr.graphs:
+        yield from _graph_tensors(sub)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            yield from _attribute_tensors(attr)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model: initializers, Constant (and other) node attributes,
+    sub-graphs of If/Loop/Scan, and local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's shape and type need; None for a type with no fixed size."""
+    numel = int(np.prod([int(d) for d in tensor.dims], dtype=object)) if tensor.dims else 1
+    if tensor.data_type in _PACKED_BITS:
+        return (numel * _PACKED_BITS[tensor.data_type] + 7) // 8
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if dtype.kind == "O" else numel * dtype.itemsize
+
+
+def _external_file(location: str, base_dir: str, what: str) -> str:
+    """The real path of an external-data location, refused unless it is a file inside ``base_dir``."""
+    if not location or "\0" in location:
+        raise OnnxReadError(f"{what} has an empty or invalid external-data location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
+        raise OnnxReadError(f"{what}: external-data location {location!r} is absolute; only files beside the model "
+                            "are read")
+    if ".." in re.split(r"[\\/]", location):
+        raise OnnxReadError(f"{what}: external-data location {location!r} contains '..'; only files beside the "
+                            "model are read")
+    root = os.path.realpath(base_dir)
+    real = os.path.realpath(os.path.join(base_dir, location))
+    if os.path.commonpath([root, real]) != root:
+        raise OnnxReadError(f"{what}: external-data location {location!r} resolves to {real}, outside the model's "
+                            f"folder {root} (a symlink?)")
+    if not os.path.lexists(real):
+        raise MissingExternalDataError(f"{what}: external data file missing: {location}")
+    if not os.path.isfile(real):
+        raise OnnxReadError(f"{what}: external-data location {location!r} is not a regular file")
+    return real
+
+
+def _whole(value: str, key: str, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise OnnxReadError(f"{what}: external-data {key} {value!r} is not a whole number of bytes")
+    return number
+
+
+def _check_external_tensor(tensor: onnx.TensorProto, base_dir: str, path: str) -> None:
+    what = f"{path}: tensor {tensor.name or '<unnamed>'!r}"
+    entries = {e.key: e.value for e in tensor.external_data}
+    unknown = sorted(set(entries) - _EXTERNAL_KEYS)
+    if unknown:
+        raise OnnxReadError(f"{what}: unknown external-data key(s) {', '.join(map(repr, unknown))}")
+    location = entries.get("location", "")
+    real = _external_file(location, base_dir, what)
+    size = os.path.getsize(real)
+    offset = _whole(entries.get("offset", "0"), "offset", what)
+    length = _whole(entries["length"], "length", what) if "length" in entries else max(size - offset, 0)
+    if offset + length > size:
+        raise OnnxReadError(f"{what}: declares bytes {offset}..{offset + length} of {location}, which holds only "
+                            f"{size} bytes (truncated?)")
+    needed = _tensor_nbytes(tensor)
+    if needed is not None and needed != length:
+        shape = "x".join(str(d) for d in tensor.dims) or "scalar"
+        raise OnnxReadError(f"{what}: its shape {shape} of {_dtype_name(tensor.data_type)} needs {needed} bytes, "
+                            f"but {length} are declared in {location}")
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str, path: str = "<model>") -> int:
+    """Check every external-data reference of ``model``; returns how many tensors use one.
+
+    Refused, each with one OnnxReadError line: a location that is absolute,
+    contains ``..``, or resolves (symlinks included) outside ``base_dir``; a
+    byte range past the end of its file; a length that is not what the tensor's
+    shape and type need; unknown keys. A file that does not exist raises
+    :class:`MissingExternalDataError`. Nothing is read but the files' sizes.
+    """
+    count = 0
+    for tensor in _model_tensors(model):
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external_tensor(tensor, base_dir, path)
+            count += 1
+    return count
 
 
 def _to_float32(array: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -72,3 +74,104 @@ def test_bad_files_one_line_error(tmp_path, webnn_file, capsys, case):
     assert we.main([str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err
+
+
+# ---- external data from untrusted files ------------------------------------
+
+
+def _tiny_external_model(folder, with_constant: bool = False):
+    """y = x + w (+ c): w (and c, a Constant node's tensor) stored in external files beside the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])
+    nodes = [helper.make_node("Add", ["x", "w"], ["y" if not with_constant else "s"])]
+    if with_constant:
+        nodes += [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(w * 2, "c")),
+                  helper.make_node("Add", ["s", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "tiny", [x], [y], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    path = folder / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path, w
+
+
+def _retarget(path, **entries) -> None:
+    """Rewrite the external-data entries of every external tensor (a tampered file)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in we._model_tensors(model):
+        for e in tensor.external_data:
+            if e.key in entries:
+                e.value = str(entries[e.key])
+    onnx.save(model, str(path))
+
+
+def test_valid_external_data_loads(tmp_path):
+    path, w = _tiny_external_model(tmp_path / "m", with_constant=True)
+    weights = we.read_weights(path)
+    np.testing.assert_array_equal(weights.arrays["w"], w)
+    np.testing.assert_array_equal(weights.arrays["c"], w * 2)  # a Constant node's external tensor too
+
+
+@pytest.mark.parametrize("case,problem", [
+    ("absolute", "is absolute"),
+    ("dotdot", "contains '..'"),
+    ("symlink", "outside the model's folder"),
+    ("beyond", "holds only"),
+    ("too_short", "needs 16384 bytes"),
+    ("unknown_key", "unknown external-data key"),
+])
+def test_tampered_external_data_is_refused_before_reading(tmp_path, case, problem):
+    path, _ = _tiny_external_model(tmp_path / "m")
+    data = tmp_path / "m" / "w"
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"\0" * 16384)  # right size: only the location gives it away
+    if case == "absolute":
+        _retarget(path, location=data.resolve())
+    elif case == "dotdot":
+        _retarget(path, location="../secret.bin")
+    elif case == "symlink":
+        (tmp_path / "m" / "link.bin").symlink_to(outside)
+        _retarget(path, location="link.bin")
+    elif case == "beyond":
+        _retarget(path, offset=8192)
+    elif case == "too_short":
+        _retarget(path, length=100)
+    else:
+        model = onnx.load(str(path), load_external_data=False)
+        entry = model.graph.initializer[0].external_data.add()
+        entry.key, entry.value = "__class__", "x"
+        onnx.save(model, str(path))
+    with pytest.raises(we.OnnxReadError, match=problem) as info:
+        we.load_onnx(path)
+    assert not isinstance(info.value, we.MissingExternalDataError)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_symlink_to_a_system_file_is_refused(tmp_path):
+    if not os.path.exists("/etc/hostname"):
+        pytest.skip("no /etc/hostname here")
+    path, _ = _tiny_external_model(tmp_path / "m")
+    (tmp_path / "m" / "host").symlink_to("/etc/hostname")
+    _retarget(path, location="host")
+    with pytest.raises(we.OnnxReadError, match="outside the model's folder"):
+        we.load_onnx(path)
+
+
+def test_missing_external_file_has_its_own_type(tmp_path):
+    path, _ = _tiny_external_model(tmp_path / "m")
+    (tmp_path / "m" / "w").unlink()
+    with pytest.raises(we.MissingExternalDataError, match="external data file missing: w"):
+        we.load_onnx(path)
+
+
+def test_cli_refuses_a_tampered_file_in_one_line(tmp_path, capsys):
+    path, _ = _tiny_external_model(tmp_path / "m")
+    _retarget(path, location="../../../../etc/passwd")
+    assert we.main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'..'" in err
