@@ -5,7 +5,7 @@ without internet, so tests (and the main command, as a loudly announced
 fallback) use files exported here. Their weights are seeded and their BatchNorm
 statistics deliberately non-trivial (a converter that ignored running mean or
 variance would fail parity). They come in the flavours real copies come in
-(MODNET.md section 3):
+(README, *The converter*):
 
 =============  ==============================================================
 flavour        what it imitates
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import os
 import random
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from errors import ModnetError
 from fileio import atomic_path
 from modnet_model import MODNet, IBNorm, INSTANCE_NORM_EPS
 
@@ -171,49 +173,19 @@ def to_float16_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def anonymise(model: onnx.ModelProto, seed: int = DEFAULT_SEED) -> onnx.ModelProto:
-    """Anonymous names, a shuffled topological order, Constant-node weights, Gemm linears."""
-    rng = random.Random(seed)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
-    inits = {i.name for i in graph.initializer}
-    keep -= inits
-    names: dict[str, str] = {}
-
-    def rename(name: str) -> str:
-        if not name or name in keep:
-            return name
-        if name not in names:
-            names[name] = f"onnx::{len(names) + 100}"
-        return names[name]
-
-    # Linear as MatMul(x, W^T) -> Gemm(x, W, transB=1), with W stored transposed back
-    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    new_nodes = []
+def _linears_as_gemm(graph: onnx.GraphProto, arrays: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """Linear as MatMul(x, W^T) -> Gemm(x, W, transB=1), with W stored transposed back (in ``arrays``)."""
+    nodes = []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in arrays and arrays[node.input[1]].ndim == 2:
-            w = np.ascontiguousarray(arrays[node.input[1]].T)
-            arrays[node.input[1]] = w
+            arrays[node.input[1]] = np.ascontiguousarray(arrays[node.input[1]].T)
             node = helper.make_node("Gemm", list(node.input), list(node.output), name=node.name, transB=1)
-        new_nodes.append(node)
+        nodes.append(node)
+    return nodes
 
-    constant_nodes = []
-    new_inits = []
-    for i, (name, arr) in enumerate(sorted(arrays.items())):
-        tensor = numpy_helper.from_array(arr, rename(name))
-        if i % 2 and arr.dtype == np.float32:
-            constant_nodes.append(helper.make_node("Constant", [], [tensor.name], value=tensor))
-        else:
-            new_inits.append(tensor)
-    for node in new_nodes:
-        node.name = ""
-        node.input[:] = [rename(n) for n in node.input]
-        node.output[:] = [rename(n) for n in node.output]
 
-    # a random valid topological order (Kahn with random choice)
-    nodes = constant_nodes + new_nodes
+def _shuffled_topological(nodes: list[onnx.NodeProto], rng: random.Random) -> list[int]:
+    """A random valid topological order of ``nodes`` (Kahn's algorithm, random choice among the ready)."""
     produced_by = {o: idx for idx, n in enumerate(nodes) for o in n.output}
     deps = [{produced_by[i] for i in n.input if i in produced_by} for n in nodes]
     users: list[list[int]] = [[] for _ in nodes]
@@ -230,7 +202,41 @@ def anonymise(model: onnx.ModelProto, seed: int = DEFAULT_SEED) -> onnx.ModelPro
             remaining[u] -= 1
             if remaining[u] == 0:
                 ready.append(u)
-    assert len(order) == len(nodes), "graph has a cycle"
+    if len(order) != len(nodes):
+        raise ValueError("graph has a cycle")
+    return order
+
+
+def anonymise(model: onnx.ModelProto, seed: int = DEFAULT_SEED) -> onnx.ModelProto:
+    """Anonymous names, a shuffled topological order, Constant-node weights, Gemm linears."""
+    rng = random.Random(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name for i in graph.initializer}
+    keep = ({v.name for v in graph.input} | {v.name for v in graph.output}) - inits
+    names: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"onnx::{len(names) + 100}")
+
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    new_nodes = _linears_as_gemm(graph, arrays)
+    constant_nodes, new_inits = [], []
+    for i, (name, arr) in enumerate(sorted(arrays.items())):
+        tensor = numpy_helper.from_array(arr, rename(name))
+        if i % 2 and arr.dtype == np.float32:
+            constant_nodes.append(helper.make_node("Constant", [], [tensor.name], value=tensor))
+        else:
+            new_inits.append(tensor)
+    for node in new_nodes:
+        node.name = ""
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    nodes = constant_nodes + new_nodes
+    order = _shuffled_topological(nodes, rng)
     for k, idx in enumerate(order):
         nodes[idx].name = f"node_{k}"
     del graph.node[:]
@@ -266,6 +272,47 @@ def _ort_optimise(src: str, dst: str, extended: bool = False) -> None:
 FLAVOURS: tuple[str, ...] = (
     "webnn", "official", "opset17", "dynamo", "simplified", "fp16", "anonymous", "ort", "ort_extended",
 )
+
+
+# what each flavour imports beyond torch and onnx; "webnn", the flavour the
+# pipeline's fallback uses, needs nothing outside requirements.txt
+FLAVOUR_PACKAGES: dict[str, tuple[str, ...]] = {
+    "dynamo": ("onnxscript",),  # torch.onnx's dynamo exporter
+    "simplified": ("onnxslim",),
+    "ort": ("onnxruntime",),
+    "ort_extended": ("onnxruntime",),
+}
+
+
+class MissingPackageError(ModnetError, ImportError):
+    """A requested flavour needs a package that is not installed."""
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_flavours(flavours: Sequence[str]) -> None:
+    """Every flavour known and its packages installed, checked before anything is written.
+
+    Without this, a missing optional package surfaced as a traceback after a
+    few files had already been exported.
+    """
+    unknown = [f for f in flavours if f not in FLAVOURS]
+    if unknown:
+        raise ValueError(f"unknown flavour {unknown[0]!r}; choose from {', '.join(FLAVOURS)}")
+    missing: dict[str, list[str]] = {}
+    for flavour in dict.fromkeys(flavours):
+        for package in FLAVOUR_PACKAGES.get(flavour, ()):
+            if not _installed(package):
+                missing.setdefault(package, []).append(flavour)
+    if missing:
+        needs = "; ".join(f"{', '.join(fl)} needs {pkg}" for pkg, fl in missing.items())
+        raise MissingPackageError(f"flavour {needs}: pip install {' '.join(missing)} "
+                                  "(or pip install -r requirements-dev.txt); nothing was written")
 
 
 def export_flavour(model: MODNet, flavour: str, path: str, workdir: str) -> str:
@@ -305,7 +352,14 @@ def export_flavour(model: MODNet, flavour: str, path: str, workdir: str) -> str:
 def generate(
     out_dir: str, flavours: Sequence[str] = FLAVOURS, seed: int = DEFAULT_SEED
 ) -> dict[str, str]:
-    """Export each flavour to ``out_dir/modnet_<flavour>.onnx``; returns flavour -> path."""
+    """Export each flavour to ``out_dir/modnet_<flavour>.onnx``; returns flavour -> path.
+
+    Flavours and their packages are checked first (:func:`check_flavours`); each
+    file is written atomically, so a failure leaves only complete files.
+    """
+    check_flavours(flavours)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir}: is a file, not a folder")
     os.makedirs(out_dir, exist_ok=True)
     model = seeded_modnet(seed)
     paths: dict[str, str] = {}
@@ -327,8 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flavour", action="append", choices=FLAVOURS, help="flavour to write (repeatable); all when omitted")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weight seed")
     args = parser.parse_args(argv)
-    for flavour, path in generate(args.out_dir, args.flavour or FLAVOURS, args.seed).items():
-        print(f"{flavour:<11} {path}")
+    try:
+        paths = generate(args.out_dir, args.flavour or FLAVOURS, args.seed)
+    except (ModnetError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for flavour, path in paths.items():
+        print(f"{flavour:<12} {path}")
     return 0
 
 

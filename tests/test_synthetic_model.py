@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import onnx
+import pytest
 
 import synthetic_model
+from conftest import ROOT
 
 
 def _ops(path):
@@ -41,3 +46,51 @@ def test_seeded_weights_are_reproducible():
     a, b = synthetic_model.seeded_modnet(3), synthetic_model.seeded_modnet(3)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert (va == vb).all(), k
+
+
+def test_a_missing_package_is_named_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "onnxscript" else real(name, *a, **k))
+    out = tmp_path / "out"
+    with pytest.raises(synthetic_model.MissingPackageError, match="dynamo needs onnxscript: pip install onnxscript"):
+        synthetic_model.generate(str(out), synthetic_model.FLAVOURS)
+    assert not out.exists()  # checked up front: not 3 files of 9, then a traceback
+    assert synthetic_model.main(["--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "onnxscript" in err
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "file.onnx"
+    target.write_bytes(b"keep")
+    assert synthetic_model.main(["--out-dir", str(target), "--flavour", "webnn"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {target}: is a file, not a folder\n" and target.read_bytes() == b"keep"
+
+
+_BLOCK_EXTRAS = '''
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("onnxscript", "onnxslim"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Block())
+'''
+
+
+def test_the_pipelines_flavour_needs_only_requirements_txt(tmp_path):
+    # webnn is what model_source.synthetic_fallback generates: it must work where
+    # only requirements.txt is installed (no onnxscript, no onnxslim)
+    (tmp_path / "sitecustomize.py").write_text(_BLOCK_EXTRAS)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "synthetic_model.py"), "--out-dir", str(tmp_path / "out"),
+                           "--flavour", "webnn"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "modnet_webnn.onnx").stat().st_size > 20_000_000
+    blocked = subprocess.run([sys.executable, str(ROOT / "synthetic_model.py"), "--out-dir", str(tmp_path / "o2"),
+                              "--flavour", "simplified"], env=env, capture_output=True, text=True, timeout=120)
+    assert blocked.returncode == 1 and "pip install onnxslim" in blocked.stderr  # the blocker does block
