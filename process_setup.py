@@ -2,22 +2,84 @@
 
 Library modules never change threads, the allocator, environment variables or
 PIL's globals on their own: a notebook that imports them keeps its settings.
-The command-line tools, the service and the benchmarks call this first.
+The command-line tools, the service and the benchmarks call this first, and
+call :func:`configure_openmp` before anything imports torch.
+
+This module imports torch only inside functions, so an entry point can import
+it (and set OpenMP's environment) before torch is loaded.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
 
-import torch
+from timing import idle_cpus, usable_cpus
 
 # Big photos are fine (a 100 MP panorama); decompression bombs are not. PIL's own
 # default (89 MP, error at twice that) refuses large but real camera files.
 MAX_IMAGE_PIXELS = 200_000_000
 
+# How long an idle OpenMP thread spins at a barrier before it sleeps (libgomp's
+# unit: spin-loop iterations; its default is 300000, about a millisecond or more).
+# PyTorch's CPU forward of MODNet passes ~250 barriers; on a machine where another
+# process holds a core, each one waits on a thread that is not running while its
+# partner spins, and the forward took x6 (113 -> 691 ms, issue #13). Bounded, the
+# waiting thread yields its core soon. Measured in benchmarks/busy_machine_2core.json
+# (benchmark.py busy); see README "A busy machine".
+GOMP_SPINCOUNT = 10_000
 
 _ALLOCATOR_TUNED = False
+
+
+def _openmp_loaded() -> bool:
+    """Whether an OpenMP runtime is already in this process (it reads its environment once, when loaded)."""
+    if "torch" in sys.modules:
+        return True
+    try:
+        with open("/proc/self/maps") as fh:
+            return any("libgomp" in line or "libiomp" in line or "libomp" in line for line in fh)
+    except OSError:
+        return False
+
+
+def configure_openmp(spincount: int = GOMP_SPINCOUNT) -> dict[str, str]:
+    """Bound OpenMP's spin-waiting, before torch (and its libgomp) is loaded; returns the settings in force.
+
+    A ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` the user set wins. Once an OpenMP
+    runtime is loaded it is too late, and nothing is changed (the returned dict
+    says ``"late": "yes"``).
+    """
+    keys = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+    if _openmp_loaded():
+        return {k: os.environ[k] for k in keys if k in os.environ} | {"late": "yes"}
+    if not any(k in os.environ for k in keys):
+        os.environ["GOMP_SPINCOUNT"] = str(spincount)
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def free_cpus(interval_s: float = 0.3) -> int:
+    """The CPUs of this process that other processes leave free, sampled over ``interval_s`` (at least 1).
+
+    From ``/proc/stat`` on the process's own CPUs (a CPU counts when at least half
+    of it was idle, summed over CPUs); elsewhere the 1-minute load average.
+    """
+    n = usable_cpus()
+    idle = idle_cpus(interval_s)
+    if idle is None:
+        idle = n - os.getloadavg()[0] if hasattr(os, "getloadavg") else float(n)
+    return max(1, min(n, math.floor(idle + 0.5)))
+
+
+def effective_threads(requested: int = 0, *, interval_s: float = 0.3) -> int:
+    """The CPU thread count a run uses: ``requested`` clamped to the CPUs this process may use;
+    0 means automatic: the CPUs actually free (:func:`free_cpus`)."""
+    if requested < 0:
+        raise ValueError(f"threads must be 0 (automatic) or more, got {requested}")
+    if requested == 0:
+        return free_cpus(interval_s)
+    return min(requested, usable_cpus())
 
 
 def tune_cpu_allocator() -> bool:
@@ -49,26 +111,33 @@ def tune_cpu_allocator() -> bool:
 
 @dataclass(frozen=True)
 class ProcessSettings:
-    threads: int
+    threads: int  # the effective CPU thread count: record this one, and give it to both engines
+    requested_threads: int  # what was asked for (0 = automatic)
     allocator_tuned: bool
     compile_cache_dir: str | None
     max_image_pixels: int
+    openmp: dict[str, str]  # GOMP_SPINCOUNT / OMP_WAIT_POLICY in force ("late": set after OpenMP loaded)
 
 
 def setup_process(*, threads: int = 0, compile_cache_dir: str | None = None,
                   max_image_pixels: int = MAX_IMAGE_PIXELS) -> ProcessSettings:
     """Apply the process-wide settings of a run; returns what is in force.
 
-    ``threads``: PyTorch intra-op threads (0 = every core). ``compile_cache_dir``:
-    inductor's scratch files go there (a TORCHINDUCTOR_CACHE_DIR the user set wins).
+    ``threads``: CPU threads (0 = the CPUs actually free now, see :func:`free_cpus`;
+    more than the CPUs this process may use is clamped). The effective count is
+    ``.threads``. ``compile_cache_dir``: inductor's scratch files go there (a
+    TORCHINDUCTOR_CACHE_DIR the user set wins).
     """
+    openmp = configure_openmp()  # a no-op when the entry point already did it, before torch
+    import torch
     from PIL import Image
 
-    threads = threads or (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+    effective = effective_threads(threads)
+    torch.set_num_threads(effective)
     tuned = tune_cpu_allocator()
     if compile_cache_dir is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(compile_cache_dir, "inductor"))
     Image.MAX_IMAGE_PIXELS = max_image_pixels
-    return ProcessSettings(threads, tuned, os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compile_cache_dir else None,
-                           max_image_pixels)
+    return ProcessSettings(effective, threads, tuned,
+                           os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compile_cache_dir else None,
+                           max_image_pixels, openmp)

@@ -1,0 +1,62 @@
+"""Process set-up: threads as effective counts, OpenMP's spin bound set before torch loads."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import process_setup
+import timing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_threads_are_clamped_to_the_cpus_this_process_may_use():
+    n = timing.usable_cpus()
+    assert process_setup.effective_threads(999) == n
+    assert process_setup.effective_threads(1) == 1
+    assert 1 <= process_setup.effective_threads(0, interval_s=0.05) <= n
+    with pytest.raises(ValueError):
+        process_setup.effective_threads(-1)
+
+
+@pytest.mark.parametrize("idle,expect", [(1.97, 2), (0.96, 1), (1.4, 1), (1.6, 2), (0.05, 1), (7.0, 2)])
+def test_free_cpus_counts_the_idle_ones(monkeypatch, idle, expect):
+    monkeypatch.setattr(process_setup, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(process_setup, "idle_cpus", lambda interval_s: idle)
+    assert process_setup.free_cpus() == expect
+
+
+def test_setup_process_records_the_effective_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        s = process_setup.setup_process(threads=999)
+        assert s.threads == timing.usable_cpus() == torch.get_num_threads() and s.requested_threads == 999
+        assert s.openmp.get("late") == "yes"  # torch was loaded before: nothing changed, and it says so
+    finally:
+        torch.set_num_threads(before)
+
+
+def _child(code: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean | env, capture_output=True,
+                          text=True, timeout=120, check=True)
+
+
+def test_spin_bound_reaches_libgomp_when_set_before_torch():
+    code = ("import sys, process_setup; assert 'torch' not in sys.modules; "
+            "print(process_setup.configure_openmp()); import torch; torch.ones(4).sum()")
+    out = _child(code, OMP_DISPLAY_ENV="VERBOSE")  # libgomp prints the settings it read, when loaded
+    assert f"'GOMP_SPINCOUNT': '{process_setup.GOMP_SPINCOUNT}'" in out.stdout
+    if "GOMP_SPINCOUNT" in out.stderr:  # libgomp (the OpenMP of Linux builds of torch)
+        assert f"GOMP_SPINCOUNT = '{process_setup.GOMP_SPINCOUNT}'" in out.stderr
+
+
+def test_a_wait_policy_the_user_set_wins():
+    out = _child("import process_setup; print(process_setup.configure_openmp())", OMP_WAIT_POLICY="ACTIVE")
+    assert "GOMP_SPINCOUNT" not in out.stdout and "'OMP_WAIT_POLICY': 'ACTIVE'" in out.stdout
