@@ -8,27 +8,54 @@ Suites:
   one and the compiled one, at each ``--sizes`` x ``--batches``, on the real
   portrait: each one's median and its ratio to ONNX Runtime, and the operators
   each PyTorch form dispatches per forward.
+* ``busy`` — the pipeline's batch-1 timing (ONNX Runtime against the optimized
+  PyTorch model, the generated model's 256x256) on a quiet machine and beside a
+  busy process, under each CPU set-up of ``--options`` (OpenMP's spin-waiting,
+  thread count), each in a fresh process (OpenMP reads its settings once).
 
 Every suite alternates its contenders round by round, so the drift of a noisy
-machine hits all of them alike, and reports medians and ratios; ``--json``
-writes the figures to a file as well.
+machine hits all of them alike, reports medians and ratios, and says whether
+the machine was busy meanwhile (``timing.NoiseProbe``); ``--json`` writes the
+figures to a file as well, with paths relative to the repository.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from fileio import write_json
+from timing import NoiseProbe, usable_cpus
 
-DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "portrait_astronaut.jpg")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_IMAGE = os.path.join(ROOT, "assets", "portrait_astronaut.jpg")
+
+
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository when inside it, else its file name (no absolute paths in results)."""
+    full = os.path.abspath(path)
+    if os.path.commonpath([full, ROOT]) == ROOT:
+        return os.path.relpath(full, ROOT)
+    return os.path.basename(full)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _model_path(spec: str | None, models_dir: str, dynamic: bool = False) -> tuple[str, str]:
@@ -49,33 +76,46 @@ def _model_path(spec: str | None, models_dir: str, dynamic: bool = False) -> tup
     return path, "synthetic (dynamic axes)"
 
 
+def _noise_mark(noise: dict) -> str:
+    return " [NOISY: machine busy, timings unreliable]" if noise.get("noisy") else ""
+
+
+# --------------------------------------------------------------------------
+# batch: inference.py's image path
+# --------------------------------------------------------------------------
+
+
+def _image_folder(image: str, folder: str, count: int) -> None:
+    """``count`` same-size, different images (the portrait, shifted)."""
+    from PIL import Image
+
+    os.makedirs(folder)
+    base = np.asarray(Image.open(image).convert("RGB"))
+    for i in range(count):
+        Image.fromarray(np.roll(base, 7 * i, axis=1)).save(os.path.join(folder, f"img{i:03d}.jpg"), quality=92)
+
+
 def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, size: int, threads: int,
                 backend: str, log=print) -> dict:
     """Per-image time of inference.py's image path at batch 1 and at ``batch``."""
-    from PIL import Image
-
     from jobs import plan_jobs, process_image_batch
     from matting import Matter
 
     matter = Matter(model, backend=backend, device="cpu", size=size, threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "in")
-        os.makedirs(src)
-        base = Image.open(image).convert("RGB")
-        for i in range(count):  # same size, different content
-            np_img = np.roll(np.asarray(base), 7 * i, axis=1)
-            Image.fromarray(np_img).save(os.path.join(src, f"img{i:03d}.jpg"), quality=92)
-        jobs = plan_jobs([src], os.path.join(tmp, "out"), ["matte"], "png", False).jobs
+        _image_folder(image, os.path.join(tmp, "in"), count)
+        jobs = plan_jobs([os.path.join(tmp, "in")], os.path.join(tmp, "out"), ["matte"], "png", False).jobs
         times: dict[int, list[float]] = {1: [], batch: []}
         process_image_batch(matter, jobs[:batch], "white")  # warm-up
-        for r in range(rounds):
-            order = (1, batch) if r % 2 == 0 else (batch, 1)
-            for b in order:
-                start = time.perf_counter()
-                for i in range(0, len(jobs), b):
-                    process_image_batch(matter, jobs[i : i + b], "white")
-                times[b].append((time.perf_counter() - start) * 1000 / len(jobs))
-            log(f"  round {r + 1}/{rounds}: batch 1 {times[1][-1]:.1f} ms/img, batch {batch} {times[batch][-1]:.1f} ms/img")
+        with NoiseProbe(threads) as probe:
+            for r in range(rounds):
+                for b in ((1, batch) if r % 2 == 0 else (batch, 1)):
+                    start = time.perf_counter()
+                    for i in range(0, len(jobs), b):
+                        process_image_batch(matter, jobs[i : i + b], "white")
+                    times[b].append((time.perf_counter() - start) * 1000 / len(jobs))
+                log(f"  round {r + 1}/{rounds}: batch 1 {times[1][-1]:.1f} ms/img, "
+                    f"batch {batch} {times[batch][-1]:.1f} ms/img")
     med1, medb = statistics.median(times[1]), statistics.median(times[batch])
     return {
         "suite": "batch",
@@ -85,6 +125,60 @@ def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, siz
         "per_image_ms": {"batch_1": times[1], f"batch_{batch}": times[batch]},
         "median_per_image_ms": {"batch_1": med1, f"batch_{batch}": medb},
         "speedup": med1 / medb,
+        "noise": probe.result.as_dict(),
+    }
+
+
+# --------------------------------------------------------------------------
+# engines: ONNX Runtime and the PyTorch forms
+# --------------------------------------------------------------------------
+
+
+def _contenders(session, in_name: str, batch_dim, models: dict, x: np.ndarray, device, graphs: str,
+                compile: bool, log) -> tuple[dict[str, Callable[[], object]], float | None]:
+    """What is timed at one size and batch (each callable bound to its own input), and the compile time."""
+    import torch
+
+    import devices
+    from acceleration import compile_model, make_runner
+
+    batch = x.shape[0]
+    xt = torch.from_numpy(x).to(device)
+    engines: dict[str, Callable[[], object]] = {}
+    if not isinstance(batch_dim, int) or batch_dim == batch:
+        engines["ort_cpu"] = lambda: session.run(None, {in_name: x})
+    else:
+        log(f"  batch {batch}: the ONNX file has a fixed batch {batch_dim}; ORT skipped")
+    fa, op = models["faithful"].to(device), models["optimized"].to(device)
+    engines["torch_faithful"] = lambda: fa(xt)
+    engines["torch_optimized"] = lambda: op(xt)
+    if device.type != "cpu" and graphs != "off":
+        captured = make_runner(op, device, graphs="on")
+        engines["torch_graphs"] = lambda: captured(xt)
+    compile_s = None
+    if compile:
+        compiled = compile_model(op, device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled(xt)
+        devices.synchronize(device)
+        compile_s = time.perf_counter() - start
+        engines["torch_compiled"] = lambda: compiled(xt)
+    return engines, compile_s
+
+
+def _engines_row(size: int, batch: int, runs: int, times: dict, compile_s, ops: dict, noise: dict) -> dict:
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ref = medians.get("ort_cpu")
+    return {
+        "size": size, "batch": batch, "runs": runs,
+        "median_ms": medians,
+        "ratio_to_ort": {k: v / ref for k, v in medians.items()} if ref else None,
+        "per_image_ms": {k: v / batch for k, v in medians.items()},
+        "compile_s": compile_s,
+        "operators": ops,
+        "times_ms": times,
+        "noise": noise,
     }
 
 
@@ -95,72 +189,44 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
 
     import devices
     from convert_onnx_to_torch import convert
-    from acceleration import compile_model, make_runner
-    from timing import interleaved
     from engines import ort_session
     from imaging import load_image, normalize, resize_rgb
     from inference_form import optimize
     from modnet_arch import count_ops
+    from timing import interleaved
 
     device = devices.select_device(device_spec)
     devices.prepare(device)
     session = ort_session(model, threads)
-    in_name = session.get_inputs()[0].name
-    batch_dim = session.get_inputs()[0].shape[0]
+    in_name, batch_dim = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
     faithful = convert(model).model
-    optimized = optimize(faithful)
+    models = {"faithful": faithful, "optimized": optimize(faithful)}
     rgb = load_image(image)
     results = []
     for size in sizes:
         x1 = normalize(resize_rgb(rgb, (size, size)))[None]
-        ops = {name: dict(zip(("total", "kernels"), count_ops(m, torch.from_numpy(x1))[:2]))
-               for name, m in (("faithful", faithful), ("optimized", optimized))}
+        ops = {name: dict(zip(("total", "kernels"), count_ops(m, torch.from_numpy(x1))[:2], strict=True))
+               for name, m in models.items()}
         for batch in batches:
-            x = np.repeat(x1, batch, axis=0)
-            xt = torch.from_numpy(x).to(device)
-            engines = {}
-            if not isinstance(batch_dim, int) or batch_dim == batch:
-                engines["ort_cpu"] = lambda: session.run(None, {in_name: x})
-            else:
-                log(f"  {size}x{size} batch {batch}: the ONNX file has a fixed batch {batch_dim}; ORT skipped")
-            fa, op = faithful.to(device), optimized.to(device)
-            engines["torch_faithful"] = lambda: fa(xt)
-            engines["torch_optimized"] = lambda: op(xt)
-            if device.type != "cpu" and graphs != "off":
-                captured = make_runner(op, device, graphs="on")
-                engines["torch_graphs"] = lambda: captured(xt)
-            compile_s = None
-            if compile:
-                compiled = compile_model(op, device)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    compiled(xt)
-                devices.synchronize(device)
-                compile_s = time.perf_counter() - start
-                engines["torch_compiled"] = lambda: compiled(xt)
-            with torch.inference_mode():
+            engines, compile_s = _contenders(session, in_name, batch_dim, models, np.repeat(x1, batch, axis=0),
+                                             device, graphs, compile, log)
+            with torch.inference_mode(), NoiseProbe(threads) as probe:
                 times = interleaved(engines, runs=runs, warmup=warmup, sync=lambda: devices.synchronize(device))
-            medians = {k: statistics.median(v) for k, v in times.items()}
-            ref = medians.get("ort_cpu")
-            row = {
-                "size": size, "batch": batch, "runs": runs,
-                "median_ms": medians,
-                "ratio_to_ort": {k: v / ref for k, v in medians.items()} if ref else None,
-                "per_image_ms": {k: v / batch for k, v in medians.items()},
-                "compile_s": compile_s,
-                "operators": ops,
-                "times_ms": times,
-            }
+            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.as_dict())
             results.append(row)
+            ref = row["median_ms"].get("ort_cpu")
             log(f"  {size}x{size} batch {batch}: " + ", ".join(
-                f"{k} {v:.1f} ms" + (f" (x{v / ref:.2f})" if ref else "") for k, v in medians.items()))
+                f"{k} {v:.1f} ms" + (f" (x{v / ref:.2f})" if ref else "") for k, v in row["median_ms"].items())
+                + _noise_mark(row["noise"]))
     return {"suite": "engines", "device": str(device), "device_name": devices.device_name(device),
-            "model": model, "results": results}
+            "model": repo_relative(model), "model_sha256": _sha256(model), "results": results}
+
+
+ENGINE_ORDER = ["ort_cpu", "torch_faithful", "torch_optimized", "torch_graphs", "torch_compiled"]
 
 
 def format_engines(result: dict) -> str:
-    names = sorted({k for r in result["results"] for k in r["median_ms"]},
-                   key=lambda k: ["ort_cpu", "torch_faithful", "torch_optimized", "torch_graphs", "torch_compiled"].index(k))
+    names = sorted({k for r in result["results"] for k in r["median_ms"]}, key=ENGINE_ORDER.index)
     head = "| size | batch | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (2 + len(names))]
     for r in result["results"]:
@@ -169,34 +235,168 @@ def format_engines(result: dict) -> str:
             v = r["median_ms"].get(n)
             ratio = r["ratio_to_ort"].get(n) if r["ratio_to_ort"] and v is not None else None
             cells.append("-" if v is None else f"{v:.1f} ms" + (f" (x{ratio:.2f})" if ratio is not None else ""))
-        lines.append(f"| {r['size']} | {r['batch']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['size']} | {r['batch']} | " + " | ".join(cells) + " |" + _noise_mark(r.get("noise", {})))
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# --------------------------------------------------------------------------
+# busy: the CPU set-up on a quiet and on a busy machine
+# --------------------------------------------------------------------------
+
+# name -> (environment for OpenMP, threads: 0 = automatic (the CPUs free), -1 = every CPU)
+BUSY_OPTIONS: dict[str, tuple[dict[str, str], int]] = {
+    "default": ({"GOMP_SPINCOUNT": "300000"}, -1),  # libgomp's own default spin count
+    "spin-30000": ({"GOMP_SPINCOUNT": "30000"}, -1),
+    "spin-10000": ({"GOMP_SPINCOUNT": "10000"}, -1),
+    "spin-1000": ({"GOMP_SPINCOUNT": "1000"}, -1),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, -1),
+    "free-cpus": ({"GOMP_SPINCOUNT": "300000"}, 0),
+    "free-cpus+spin-10000": ({"GOMP_SPINCOUNT": "10000"}, 0),
+    "1-thread": ({"GOMP_SPINCOUNT": "300000"}, 1),
+}
+
+
+def probe_pipeline_timing(model: str, image: str, runs: int, warmup: int, threads: int) -> dict:
+    """The pipeline's batch-1 timing in this process: ONNX Runtime and the optimized PyTorch model, interleaved."""
+    import torch
+
+    from convert_onnx_to_torch import convert
+    from engines import OrtEngine, TorchEngine
+    from imaging import load_image, normalize, resize_rgb
+    from inference_form import optimize
+    from timing import interleaved
+
+    ort = OrtEngine(model, threads=threads, validate=False)
+    size = ort.fixed_size or (256, 256)
+    engine = TorchEngine(optimize(convert(model).model), torch.device("cpu"), threads=threads)
+    x = normalize(resize_rgb(load_image(image), size))[None]
+    xt = engine.to_device(x)
+    with NoiseProbe(threads) as probe:
+        times = interleaved({"ort": lambda: ort.run(x), "torch": lambda: engine.runner(xt)}, runs=runs,
+                            warmup=warmup, rotate=False)
+    engine.close()
+    return {"threads": threads, "torch_threads": torch.get_num_threads(), "size": list(size),
+            "ort_ms": times["ort"], "torch_ms": times["torch"], "noise": probe.result.as_dict()}
+
+
+@contextlib.contextmanager
+def busy_process(busy: bool) -> Iterator[None]:
+    """A CPU-bound process beside the block when ``busy`` (one core's worth), killed after."""
+    if not busy:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # running before the measured process starts
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _probe_in_child(option: str, model: str, image: str, runs: int, warmup: int) -> dict:
+    env_extra, threads = BUSY_OPTIONS[option]
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | env_extra
+    threads = usable_cpus() if threads < 0 else threads
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "probe", "--model", model, "--image", image,
+           "--rounds", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"probe {option} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def suite_busy(model: str, image: str, options: Sequence[str], rounds: int, runs: int, warmup: int,
+               log=print) -> dict:
+    """Each option's pipeline timing, quiet and beside a busy process, ``rounds`` times, in rotating order."""
+    unknown = [o for o in options if o not in BUSY_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown busy option(s) {', '.join(unknown)}; choose from {', '.join(BUSY_OPTIONS)}")
+    runs_out = []
+    for r in range(rounds):
+        order = list(options[r % len(options):]) + list(options[: r % len(options)])
+        for busy in ((False, True) if r % 2 == 0 else (True, False)):
+            with busy_process(busy):
+                for option in order:
+                    res = _probe_in_child(option, model, image, runs, warmup)
+                    res |= {"option": option, "busy": busy, "round": r,
+                            "ort_median_ms": statistics.median(res["ort_ms"]),
+                            "torch_median_ms": statistics.median(res["torch_ms"])}
+                    runs_out.append(res)
+                    log(f"  round {r + 1} {'busy ' if busy else 'quiet'} {option}: {res['threads']} thread(s), "
+                        f"ORT {res['ort_median_ms']:.0f} ms, PyTorch {res['torch_median_ms']:.0f} ms"
+                        f" (others used {res['noise']['other_cpu_load']} CPUs)")
+    return {"suite": "busy", "model": repo_relative(model), "model_sha256": _sha256(model),
+            "options": {o: {"env": BUSY_OPTIONS[o][0], "threads": BUSY_OPTIONS[o][1]} for o in options},
+            "summary": _busy_summary(runs_out, options), "runs": runs_out}
+
+
+def _busy_summary(runs: list[dict], options: Sequence[str]) -> dict:
+    """Per option and load: the median over rounds of each process's medians, and PyTorch / ORT."""
+    out: dict[str, dict] = {}
+    for option in options:
+        out[option] = {}
+        for load in ("quiet", "busy"):
+            mine = [r for r in runs if r["option"] == option and r["busy"] == (load == "busy")]
+            ort = statistics.median(r["ort_median_ms"] for r in mine)
+            torch_ms = statistics.median(r["torch_median_ms"] for r in mine)
+            out[option][load] = {"ort_median_ms": round(ort, 1), "torch_median_ms": round(torch_ms, 1),
+                                 "torch_over_ort": round(torch_ms / ort, 2),
+                                 "threads": sorted({r["threads"] for r in mine}),
+                                 "noisy_runs": sum(bool(r["noise"]["noisy"]) for r in mine)}
+    return out
+
+
+def format_busy(result: dict) -> str:
+    lines = ["| option | quiet ORT | quiet PyTorch | busy ORT | busy PyTorch | busy PyTorch/ORT | threads q/b |",
+             "|---|---|---|---|---|---|---|"]
+    for option, s in result["summary"].items():
+        q, b = s["quiet"], s["busy"]
+        lines.append(f"| {option} | {q['ort_median_ms']:.0f} ms | {q['torch_median_ms']:.0f} ms | "
+                     f"{b['ort_median_ms']:.0f} ms | {b['torch_median_ms']:.0f} ms | x{b['torch_over_ort']:.2f} | "
+                     f"{q['threads']}/{b['threads']} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("suite", choices=["batch", "engines"], help="what to measure")
+    p.add_argument("suite", choices=["batch", "engines", "busy", "probe"],
+                   help="what to measure (probe: one process of the busy suite)")
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")
-    p.add_argument("--models-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+    p.add_argument("--models-dir", default=os.path.join(ROOT, "models"))
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the picture benchmarked")
     p.add_argument("--count", type=int, default=16, help="batch suite: images in the folder")
     p.add_argument("--batch", type=int, default=8, help="batch suite: the batch compared with 1")
     p.add_argument("--size", type=int, default=512, help="batch suite: model input short side")
     p.add_argument("--backend", default="torch", help="batch suite: inference backend")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (timed runs per engine)")
-    p.add_argument("--warmup", type=int, default=2, help="engines suite: untimed runs per engine")
+    p.add_argument("--warmup", type=int, default=2, help="engines and busy suites: untimed runs per engine")
     p.add_argument("--sizes", default="256,512", help="engines suite: square input sizes")
     p.add_argument("--batches", default="1,8", help="engines suite: batch sizes")
     p.add_argument("--device", default="cpu", help="engines suite: PyTorch device (auto|npu|cuda|mps|cpu)")
     p.add_argument("--no-compile", action="store_true", help="engines suite: leave out the compiled model")
     p.add_argument("--graphs", choices=("on", "off"), default="on", help="engines suite: graph capture on accelerators")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every engine")
+    p.add_argument("--options", default=",".join(BUSY_OPTIONS), help="busy suite: CPU set-ups compared")
+    p.add_argument("--busy-rounds", type=int, default=3, help="busy suite: quiet/busy rounds over all options")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for every engine (0 = the CPUs free now; more than the CPUs is clamped)")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from process_setup import setup_process
 
-    setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
+    # before any torch import here: bounds OpenMP's spin-waiting (a no-op when torch is already loaded)
+    settings = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
+    args.threads = settings.threads
     try:
         return _run(args, argv)
     except (OSError, ValueError, RuntimeError) as exc:  # bad model, device or image: one line
@@ -204,23 +404,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    model, source = _model_path(args.model, args.models_dir, dynamic=args.suite == "engines")
-    print(f"{args.suite} benchmark on {platform.processor() or platform.machine()}, {args.threads} thread(s); "
-          f"model {model} ({source})")
+def _suite(args: argparse.Namespace, model: str) -> tuple[dict, str]:
+    """Run the chosen suite; its result and its printed summary."""
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     if args.suite == "batch":
         result = suite_batch(model, args.image, args.count, args.batch, args.rounds, args.size, args.threads,
                              args.backend)
         med = result["median_per_image_ms"]
-        print(f"median per image: batch 1 {med['batch_1']:.1f} ms, batch {args.batch} "
-              f"{med[f'batch_{args.batch}']:.1f} ms; batch {args.batch} is x{result['speedup']:.2f} faster per image")
-    else:
-        ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
+        return result, (f"median per image: batch 1 {med['batch_1']:.1f} ms, batch {args.batch} "
+                        f"{med[f'batch_{args.batch}']:.1f} ms; batch {args.batch} is x{result['speedup']:.2f} "
+                        "faster per image" + _noise_mark(result["noise"]))
+    if args.suite == "engines":
         result = suite_engines(model, args.image, ints(args.sizes), ints(args.batches), args.rounds, args.warmup,
                                args.threads, args.device, not args.no_compile, args.graphs)
-        print(format_engines(result))
-    result |= {"command": "python3 benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}}
+        return result, format_engines(result)
+    result = suite_busy(model, args.image, [o.strip() for o in args.options.split(",") if o.strip()],
+                        args.busy_rounds, args.rounds, args.warmup)
+    return result, format_busy(result)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    model, source = _model_path(args.model, args.models_dir, dynamic=args.suite == "engines")
+    if args.suite == "probe":  # one process of the busy suite: its figures as one JSON line
+        print(json.dumps(probe_pipeline_timing(model, args.image, args.rounds, args.warmup, args.threads)))
+        return 0
+    print(f"{args.suite} benchmark on {platform.processor() or platform.machine()}, {args.threads} thread(s); "
+          f"model {repo_relative(model)} ({source})")
+    result, text = _suite(args, model)
+    print(text)
+    cmd_args = [repo_relative(a) if os.path.isabs(a) else a for a in (argv if argv is not None else sys.argv[1:])]
+    result |= {"command": "python3 benchmark.py " + " ".join(cmd_args),
+               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": usable_cpus(),
+                           "threads": args.threads}}
     if args.json:
         write_json(args.json, result)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import benchmark
 
@@ -9,7 +10,8 @@ import benchmark
 def test_engines_suite_smoke(tmp_path, flavour_files, capsys):
     out = tmp_path / "engines.json"
     code = benchmark.main(["engines", "--model", flavour_files["official"], "--sizes", "64", "--batches", "1,2",
-                           "--rounds", "2", "--warmup", "0", "--no-compile", "--json", str(out)])
+                           "--rounds", "2", "--warmup", "0", "--no-compile", "--threads", "999",
+                           "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     rows = data["results"]
@@ -17,7 +19,10 @@ def test_engines_suite_smoke(tmp_path, flavour_files, capsys):
     for r in rows:
         assert set(r["median_ms"]) == {"ort_cpu", "torch_faithful", "torch_optimized"}
         assert r["ratio_to_ort"]["ort_cpu"] == 1.0 and len(r["times_ms"]["ort_cpu"]) == 2
+        assert {"load_average", "cpu_time_ratio", "noisy"} <= set(r["noise"])
     assert "| 64 | 2 |" in capsys.readouterr().out
+    assert data["machine"]["threads"] == data["machine"]["cpus"]  # 999 asked, the CPUs there recorded
+    assert not os.path.isabs(data["model"]) and len(data["model_sha256"]) == 64
 
 
 def test_batch_suite_smoke(tmp_path, webnn_file):
@@ -26,3 +31,23 @@ def test_batch_suite_smoke(tmp_path, webnn_file):
                            "--rounds", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["speedup"] > 0 and len(data["per_image_ms"]["batch_2"]) == 1
+    assert isinstance(data["noise"]["noisy"], bool)
+
+
+def test_busy_suite_smoke(tmp_path, webnn_file, capsys):
+    """One option, quiet then busy, each in its own process with its own OpenMP settings."""
+    out = tmp_path / "busy.json"
+    assert benchmark.main(["busy", "--model", webnn_file, "--options", "spin-1000", "--busy-rounds", "1",
+                           "--rounds", "1", "--warmup", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["option"], r["busy"]) for r in data["runs"]] == [("spin-1000", False), ("spin-1000", True)]
+    summary = data["summary"]["spin-1000"]
+    assert summary["busy"]["torch_over_ort"] > 0 and summary["quiet"]["threads"] == [data["machine"]["cpus"]]
+    assert data["runs"][1]["noise"]["other_cpu_load"] > 0.5  # the busy process was there, and measured
+    assert "| spin-1000 |" in capsys.readouterr().out
+
+
+def test_repo_relative_paths():
+    assert benchmark.repo_relative(os.path.join(benchmark.ROOT, "models", "m.onnx")) == os.path.join("models",
+                                                                                                      "m.onnx")
+    assert benchmark.repo_relative("/elsewhere/m.onnx") == "m.onnx"
