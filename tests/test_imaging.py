@@ -110,3 +110,82 @@ def test_one_frame_delay_removes_a_flicker_only():
     assert out[0, 0] == 0.0 and out[0, 1] == pytest.approx(0.05)
     moving = im.one_frame_delay(np.zeros((1, 1)), np.full((1, 1), 0.5), np.ones((1, 1)))
     assert moving[0, 0] == 0.5  # real motion is kept
+
+
+def test_cover_matches_scaling_the_whole_background_then_cropping():
+    rng = np.random.default_rng(1)
+    bg = np.repeat(np.repeat(rng.integers(0, 255, (12, 40, 3), dtype=np.uint8), 4, 0), 4, 1)  # smooth-ish blocks
+    for size in ((90, 70), (30, 200), (48, 160)):
+        h, w = size
+        scale = max(h / bg.shape[0], w / bg.shape[1])
+        nh, nw = max(h, round(bg.shape[0] * scale)), max(w, round(bg.shape[1] * scale))
+        whole = np.asarray(Image.fromarray(bg).resize((nw, nh), Image.Resampling.BILINEAR))
+        top, left = (nh - h) // 2, (nw - w) // 2
+        expect = whole[top : top + h, left : left + w].astype(int)
+        out = im.cover(bg, size)
+        assert out.shape == (h, w, 3)
+        assert np.abs(out.astype(int) - expect).mean() < 3  # the same picture, up to resampling at the edges
+
+
+_COVER_MEMORY = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from PIL import Image
+import imaging
+Image.fromarray(np.full((100, 5000, 3), 90, np.uint8)).save(sys.argv[2])
+photo = np.ones((3000, 4000, 3), np.uint8)
+alpha = np.full((3000, 4000), 0.5, np.float32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+bg = imaging.make_background(sys.argv[2], photo)
+out = imaging.composite(photo, alpha, bg)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert bg.shape == (3000, 4000, 3) and out.shape == (3000, 4000, 3) and out[0, 0, 0] == 46
+print((after - before) / 1024)
+"""
+
+
+def test_background_strip_on_a_big_photo_stays_within_memory(tmp_path):
+    # a 5000x100 backdrop on a 4000x3000 photo: scaling first built 150000x3000 (peak +4.3 GB)
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", _COVER_MEMORY, str(ROOT), str(tmp_path / "strip.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    peak_mb = float(proc.stdout.strip())
+    assert peak_mb < 200, f"peak grew by {peak_mb:.0f} MB"
+
+
+def test_bytes_and_streams_are_named_without_an_object_repr():
+    for data in (b"garbage", bytearray(b"garbage"), io.BytesIO(b"garbage")):
+        with pytest.raises(im.ImageReadError) as info:
+            im.load_image(data)
+        msg = str(info.value)
+        assert "object at 0x" not in msg and "<_io" not in msg and "not a readable image" in msg
+    with pytest.raises(im.ImageReadError, match=r"^image data \(7 bytes\): not a readable image"):
+        im.load_image(b"garbage")
+    assert im.load_image(io.BytesIO(_png_bytes(Image.new("RGB", (5, 4))))).shape == (4, 5, 3)
+
+
+def test_path_messages_do_not_repeat_the_path(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nothing like a png")
+    with pytest.raises(im.ImageReadError) as info:
+        im.load_image(str(bad))
+    assert str(info.value).count(str(bad)) == 1
+
+
+@pytest.mark.parametrize("text", ["99999", "4097", "64x5000", "abc", "-32", "0", "16"])
+def test_size_spec_is_bounded(text):
+    with pytest.raises(ValueError):
+        im.parse_size_spec(text)
+
+
+def test_max_side_can_be_raised_explicitly():
+    assert im.parse_size_spec("6000", max_side=8192) == im.ShortSide(6000)
+    with pytest.raises(ValueError, match="exceeds the limit of 4096"):
+        im.input_size(im.ShortSide(512), 100, 10_000)
+    assert im.input_size(im.ShortSide(512), 100, 10_000, max_side=60_000) == (512, 51200)
