@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
-from fileio import atomic_path
+from fileio import STALE_AFTER_S, atomic_path, clean_stale_parts
 from errors import ModnetError
 
 DEFAULT_MODEL_ID = "onnx-community/modnet-webnn"
@@ -204,6 +204,61 @@ def cache_path(model_id: str, filename: str = MODEL_FILE, models_dir: str = DEFA
     return os.path.join(models_dir, *model_id.split("/"), *filename.split("/"))
 
 
+def clean_models_dir(models_dir: str, log: Callable[[str], None] = lambda msg: None) -> list[str]:
+    """Remove the download temporaries a killed run left in ``models_dir`` (see fileio.clean_stale_parts)."""
+    removed = clean_stale_parts(models_dir, older_than=time.time() - STALE_AFTER_S, recursive=True)
+    if removed:
+        log(f"removed {len(removed)} stale temporary file(s) of an interrupted run from {models_dir}")
+    return removed
+
+
+def _resolve_url(spec: str, models_dir: str, sha256: str | None, offline: bool, fetch: dict,
+                 log: Callable[[str], None]) -> ModelSource:
+    name = os.path.basename(urllib.parse.urlparse(spec).path) or "model.onnx"
+    dest = os.path.join(models_dir, name)
+    if sha256 and os.path.exists(dest) and sha256_of(dest) == sha256.lower():
+        return ModelSource("cache", dest, sha256.lower())
+    if offline:
+        raise DownloadError(f"{spec}: offline, and no verified copy at {dest}")
+    log(f"downloading {spec}")
+    digest = download(spec, dest, sha256, **fetch)
+    return ModelSource("url", dest, digest, method="https")
+
+
+def _download_id(spec: str, dest: str, expected: str | None, fetch: dict,
+                 log: Callable[[str], None]) -> ModelSource:
+    """Each download method in turn; DownloadError with every reason when all fail."""
+    attempts = []
+    methods = (("modelscope", _via_modelscope, {}), ("huggingface_hub", _via_hf_hub, {}), ("https", _via_https, fetch))
+    for method, via, extra in methods:
+        try:
+            log(f"downloading {spec}/{MODEL_FILE} via {method}")
+            digest = via(spec, MODEL_FILE, dest, expected, **extra)
+            return ModelSource("download", dest, digest, method=method, attempts=tuple(attempts))
+        except ChecksumError:
+            raise
+        except ModelSourceError as exc:
+            attempts.append(f"{method}: {exc}")
+        except Exception as exc:  # third-party clients raise their own types when offline
+            attempts.append(f"{method}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        log(f"  {attempts[-1]}")
+    raise DownloadError(f"could not download {spec}: " + "; ".join(attempts), tuple(attempts))
+
+
+def _resolve_id(spec: str, models_dir: str, sha256: str | None, offline: bool, fetch: dict,
+                log: Callable[[str], None]) -> ModelSource:
+    expected = sha256 or KNOWN_SHA256.get((spec, MODEL_FILE))
+    dest = cache_path(spec, MODEL_FILE, models_dir)
+    if os.path.exists(dest):
+        digest = sha256_of(dest)
+        if expected is None or digest == expected.lower():
+            return ModelSource("cache", dest, digest)
+        log(f"cached {dest} has the wrong sha256; fetching it again")
+    if offline:
+        raise DownloadError(f"{spec}: offline, and no verified copy at {dest}")
+    return _download_id(spec, dest, expected, fetch, log)
+
+
 def resolve_model(
     spec: str = DEFAULT_MODEL_ID,
     models_dir: str = DEFAULT_MODELS_DIR,
@@ -214,53 +269,23 @@ def resolve_model(
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
 ) -> ModelSource:
-    """Find or fetch the model named by ``spec``; ModelSourceError when impossible."""
-    if spec.startswith(("http://", "https://")):
-        name = os.path.basename(urllib.parse.urlparse(spec).path) or "model.onnx"
-        dest = os.path.join(models_dir, name)
-        if sha256 and os.path.exists(dest) and sha256_of(dest) == sha256.lower():
-            return ModelSource("cache", dest, sha256.lower())
-        if offline:
-            raise DownloadError(f"{spec}: offline, and no verified copy at {dest}")
-        log(f"downloading {spec}")
-        digest = download(spec, dest, sha256, timeout, retries, progress)
-        return ModelSource("url", dest, digest, method="https")
+    """Find or fetch the model named by ``spec``; ModelSourceError when impossible.
 
+    Before anything is looked up in ``models_dir``, the temporaries an earlier,
+    killed run left there are removed (:func:`clean_models_dir`).
+    """
+    fetch = {"timeout": timeout, "retries": retries, "progress": progress}
+    if spec.startswith(("http://", "https://")):
+        clean_models_dir(models_dir, log)
+        return _resolve_url(spec, models_dir, sha256, offline, fetch, log)
     if os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec):
         if not os.path.isfile(spec):
             raise ModelNotFoundError(f"{spec}: no such file")
         return ModelSource("local", os.path.abspath(spec), _check_sha(spec, sha256, spec))
-
     if not _MODEL_ID_RE.match(spec):
         raise ModelNotFoundError(f"{spec!r} is neither a file, an http(s) URL nor a model id like {DEFAULT_MODEL_ID}")
-    expected = sha256 or KNOWN_SHA256.get((spec, MODEL_FILE))
-    dest = cache_path(spec, MODEL_FILE, models_dir)
-    if os.path.exists(dest):
-        digest = sha256_of(dest)
-        if expected is None or digest == expected.lower():
-            return ModelSource("cache", dest, digest)
-        log(f"cached {dest} has the wrong sha256; fetching it again")
-    if offline:
-        raise DownloadError(f"{spec}: offline, and no verified copy at {dest}")
-    attempts = []
-    methods = (
-        ("modelscope", _via_modelscope, {}),
-        ("huggingface_hub", _via_hf_hub, {}),
-        ("https", _via_https, {"timeout": timeout, "retries": retries, "progress": progress}),
-    )
-    for method, fetch, extra in methods:
-        try:
-            log(f"downloading {spec}/{MODEL_FILE} via {method}")
-            digest = fetch(spec, MODEL_FILE, dest, expected, **extra)
-            return ModelSource("download", dest, digest, method=method, attempts=tuple(attempts))
-        except ChecksumError:
-            raise
-        except ModelSourceError as exc:
-            attempts.append(f"{method}: {exc}")
-        except Exception as exc:  # third-party clients raise their own types when offline
-            attempts.append(f"{method}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        log(f"  {attempts[-1]}")
-    raise DownloadError(f"could not download {spec}: " + "; ".join(attempts), tuple(attempts))
+    clean_models_dir(models_dir, log)
+    return _resolve_id(spec, models_dir, sha256, offline, fetch, log)
 
 
 def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str, ...] = ()) -> ModelSource:

@@ -142,3 +142,29 @@ def test_local_file_checksum(tmp_path):
     assert ms.resolve_model(str(f), str(tmp_path), sha256=SHA).source == "local"
     with pytest.raises(ms.ModelSourceError, match="checksum"):
         ms.resolve_model(str(f), str(tmp_path), sha256="1" * 64)
+
+
+def test_stale_download_temporaries_are_removed_at_resolution(server, tmp_path):
+    import time
+
+    cache = Path(ms.cache_path("someone/m", models_dir=str(tmp_path))).parent
+    cache.mkdir(parents=True)
+    stale = cache / ".model.k3j_a9zq.part.onnx"  # what a SIGKILLed download leaves
+    fresh = cache / ".model.zz9x8c7v.part.onnx"  # a concurrent run still writing
+    user = tmp_path / ".notes.part"
+    for p in (stale, fresh, user):
+        p.write_bytes(b"\0" * 1000)
+    old = time.time() - 2 * 3600
+    for p in (stale, user):
+        os.utime(p, (old, old))
+    logged = []
+    with pytest.raises(ms.DownloadError, match="offline"):
+        ms.resolve_model("someone/m", str(tmp_path), offline=True, log=logged.append)
+    assert not stale.exists() and fresh.exists() and user.exists()
+    assert any("removed 1 stale temporary" in m for m in logged)
+    # a local model path never touches the models folder
+    os.utime(fresh, (old, old))
+    local = tmp_path / "x.onnx"
+    local.write_bytes(PAYLOAD)
+    ms.resolve_model(str(local), str(tmp_path))
+    assert fresh.exists()
