@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from fileio import write_image
+from fileio import is_temp_name, write_image
 from imaging import ImageReadError, load_image
 from matting import MODES, Matter, render
 
@@ -62,6 +62,15 @@ def _kind(path: str) -> str | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
+def _written_here(path: str, out_real: str) -> bool:
+    """A file this tool wrote: an output in the output folder (when it is also an input
+    folder), or a temporary of an interrupted run anywhere (``.photo_matte.x1y2.part.png``)."""
+    if is_temp_name(path):
+        return True
+    folder = os.path.realpath(os.path.dirname(path))
+    return os.path.commonpath([folder, out_real]) == out_real and OWN_OUTPUT.search(path) is not None
+
+
 def _found(inputs: Sequence[str], out_dir: str, recursive: bool) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
     """(path, relative name, kind) of every input file, missing inputs, and own outputs left out."""
     found, errors, excluded = [], [], []
@@ -72,9 +81,7 @@ def _found(inputs: Sequence[str], out_dir: str, recursive: bool) -> tuple[list[t
                 kind = _kind(path)
                 if kind is None:
                     continue
-                # an output folder that is the input folder: what we wrote is not an input
-                folder = os.path.realpath(os.path.dirname(path))
-                if os.path.commonpath([folder, out_real]) == out_real and OWN_OUTPUT.search(path):
+                if _written_here(path, out_real):
                     excluded.append(path)
                     continue
                 found.append((path, os.path.relpath(path, item), kind))
@@ -170,6 +177,16 @@ class IoPool:
         self.close()
 
 
+def _size_problem(matter: Matter, job: Job, rgb: np.ndarray) -> str | None:
+    """The error line for an image whose model input would exceed the size limit (a
+    100:1 panorama under ``--size 512``), so it fails alone instead of ending the run."""
+    try:
+        matter.model_size(*rgb.shape[:2])
+    except ValueError as exc:
+        return f"{job.source}: {exc}"
+    return None
+
+
 def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
                         pool: IoPool | None = None) -> list[tuple[Job, str | None]]:
     """Read, matte (batched) and write a group of image jobs; returns (job, error or None)."""
@@ -179,6 +196,7 @@ def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
     results: list[tuple[Job, str | None]] = []
     loaded = []
     for job, rgb, problem in pool.map(load_job, list(jobs)):
+        problem = problem or _size_problem(matter, job, rgb)
         if problem:
             results.append((job, problem))
         else:
