@@ -203,8 +203,8 @@ def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
             loaded.append((job, rgb))
     if loaded:
         alphas = matter.mattes([rgb for _, rgb in loaded])
-        problems = pool.map(save_job, [(job, rgb, alpha, background) for (job, rgb), alpha in zip(loaded, alphas)])
-        results += [(job, problem) for (job, _), problem in zip(loaded, problems)]
+        problems = pool.map(save_job, [(job, rgb, alpha, background) for (job, rgb), alpha in zip(loaded, alphas, strict=True)])
+        results += [(job, problem) for (job, _), problem in zip(loaded, problems, strict=True)]
     return results
 
 

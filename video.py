@@ -170,7 +170,7 @@ def _matted(matter: Matter, batches: Iterator[list[tuple]], on_frames: Callable[
     for pending in batches:
         alphas = matter.mattes([rgb for _, rgb in pending])
         on_frames(len(pending))
-        for (frame, rgb), alpha in zip(pending, alphas):
+        for (frame, rgb), alpha in zip(pending, alphas, strict=True):
             yield frame, rgb, alpha
 
 

@@ -11,10 +11,13 @@ import jobs
 from imaging import MAX_MODEL_SIDE, ShortSide, input_size
 
 
+SHORT_64 = ShortSide(64)
+
+
 class FlatMatter:
     """What jobs needs of a Matter: model_size (with the real size rule) and mattes."""
 
-    def __init__(self, size=ShortSide(64)) -> None:
+    def __init__(self, size=SHORT_64) -> None:
         self.size = size
         self.calls = 0
 

@@ -44,7 +44,7 @@ def test_batchnorm_statistics_are_not_trivial(seeded_model):
 
 def test_seeded_weights_are_reproducible():
     a, b = synthetic_model.seeded_modnet(3), synthetic_model.seeded_modnet(3)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert (va == vb).all(), k
 
 
