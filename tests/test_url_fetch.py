@@ -1,0 +1,290 @@
+"""url_fetch: the address rules on made-up resolver answers (no traffic anywhere), then real
+fetches from an HTTP server on 127.0.0.1 only (allowed explicitly with allow_private)."""
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+import time
+
+import pytest
+
+import url_fetch
+from url_fetch import UrlFetchError, checked_address, fetch, parse_url, refusal
+
+# --------------------------------------------------------------------------
+# the address check, with a stubbed resolver
+# --------------------------------------------------------------------------
+
+REFUSED = {
+    "127.0.0.1": "loopback",
+    "127.8.9.10": "loopback",
+    "::1": "loopback",
+    "10.1.2.3": "private",
+    "172.16.0.1": "private",
+    "172.31.255.254": "private",
+    "192.168.1.1": "private",
+    "fc00::1": "private",
+    "169.254.169.254": "link-local",  # the cloud metadata service
+    "fe80::1": "link-local",
+    "224.0.0.1": "multicast",
+    "ff02::1": "multicast",
+    "240.0.0.1": "reserved",
+    "0.0.0.0": "unspecified",
+    "::": "unspecified",
+    "::ffff:127.0.0.1": "loopback",  # IPv4-mapped IPv6 is the IPv4 address
+    "::ffff:10.0.0.1": "private",
+    "100.64.0.1": "not a public address",  # carrier-grade NAT
+}
+PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"]
+
+
+@pytest.mark.parametrize("address,kind", sorted(REFUSED.items()))
+def test_refusal_names_the_range(address, kind):
+    assert kind in refusal(address)
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_pass(address):
+    assert refusal(address) is None
+
+
+def test_allow_private_admits_private_ranges_but_never_multicast_or_unspecified():
+    for address in ("127.0.0.1", "10.1.2.3", "169.254.169.254", "fe80::1", "::1"):
+        assert refusal(address, allow_private=True) is None
+    assert "multicast" in refusal("224.0.0.1", allow_private=True)
+    assert "unspecified" in refusal("0.0.0.0", allow_private=True)
+
+
+class StubResolver:
+    """Answers from a table and records every question; no network."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append((host, port))
+        return self.table[host]
+
+
+def test_a_name_is_checked_on_every_address_it_resolves_to():
+    resolver = StubResolver({"images.example": ["93.184.216.34"], "rebind.example": ["93.184.216.34", "10.0.0.7"],
+                             "meta.example": ["169.254.169.254"]})
+    assert checked_address("images.example", 443, allow_private=False, resolver=resolver) == "93.184.216.34"
+    assert resolver.asked == [("images.example", 443)]
+    with pytest.raises(UrlFetchError) as err:
+        checked_address("rebind.example", 80, allow_private=False, resolver=resolver)
+    assert err.value.status == 422 and "10.0.0.7" in str(err.value) and "private" in str(err.value)
+    with pytest.raises(UrlFetchError, match="link-local.*--allow-private-urls"):
+        checked_address("meta.example", 80, allow_private=False, resolver=resolver)
+
+
+def test_address_literals_are_not_resolved():
+    resolver = StubResolver({})
+    with pytest.raises(UrlFetchError, match="loopback"):
+        checked_address("127.0.0.1", 80, allow_private=False, resolver=resolver)
+    with pytest.raises(UrlFetchError, match="link-local"):
+        checked_address("fe80::1%eth0", 80, allow_private=False, resolver=resolver)
+    assert checked_address("8.8.8.8", 80, allow_private=False, resolver=resolver) == "8.8.8.8"
+    assert resolver.asked == []
+
+
+def test_a_name_that_resolves_to_nothing_is_a_502():
+    with pytest.raises(UrlFetchError) as err:
+        checked_address("void.example", 80, allow_private=False, resolver=StubResolver({"void.example": []}))
+    assert err.value.status == 502
+
+
+@pytest.mark.parametrize("url,message", [
+    ("ftp://example.com/a.png", "only http and https"),
+    ("file:///etc/passwd", "only http and https"),
+    ("gopher://example.com/", "only http and https"),
+    ("http:///nohost.png", "names no host"),
+    ("http://user:secret@example.com/a.png", "credentials"),
+    ("http://example.com:99999/a.png", "not valid"),
+])
+def test_only_plain_http_urls(url, message):
+    with pytest.raises(UrlFetchError, match=message) as err:
+        parse_url(url)
+    assert err.value.status == 422
+
+
+def test_fetch_refuses_before_connecting():
+    """Refused addresses never reach a connection: the resolver's answer is the last step."""
+    resolver = StubResolver({"intranet.example": ["192.168.0.10"]})
+    with pytest.raises(UrlFetchError, match="private") as err:
+        fetch("http://intranet.example/cat.png", max_bytes=1000, timeout=2, resolver=resolver)
+    assert err.value.status == 422
+
+
+# --------------------------------------------------------------------------
+# real fetches, from a server on 127.0.0.1
+# --------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 2000  # the fetcher does not decode; any bytes will do
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hits: list[tuple[str, str]] = []
+
+    def log_message(self, *args: object) -> None:  # keep pytest's output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.hits.append((self.path, self.headers.get("Host", "")))
+        route = self.path.split("?")[0]
+        if route == "/image.png":
+            self._send(200, PNG, {"Content-Type": "image/png"})
+        elif route.startswith("/hop/"):
+            left = int(route.rsplit("/", 1)[1])
+            target = "/image.png" if left == 0 else f"/hop/{left - 1}"
+            self._send(302, b"", {"Location": target})
+        elif route == "/to":
+            self._send(301, b"", {"Location": self.path.split("?to=", 1)[1]})
+        elif route == "/big":
+            self._send(200, b"y" * 5000, {"Content-Type": "image/png"})
+        elif route == "/big-chunked":
+            self._chunked(b"z" * 1000, 6)
+        elif route == "/slow":
+            self._drip()
+        else:
+            self._send(404, b"no", {})
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _chunked(self, chunk: bytes, count: int) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for _ in range(count):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _drip(self) -> None:
+        """One byte every 0.2 s: each read is quick, the whole is not (a per-read time-out would never fire)."""
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass  # the client gave up, as it should
+
+
+@pytest.fixture(scope="module")
+def local_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _get(url: str, **kw) -> url_fetch.Fetched:
+    kw.setdefault("max_bytes", 4000)
+    kw.setdefault("timeout", 5.0)
+    kw.setdefault("allow_private", True)
+    return fetch(url, **kw)
+
+
+def test_fetch_connects_to_the_checked_address_with_the_original_host_name(local_server):
+    resolver = StubResolver({"images.example": ["127.0.0.1"]})
+    _Handler.hits.clear()
+    got = _get(f"http://images.example:{local_server}/image.png", resolver=resolver)
+    assert got.data == PNG and got.content_type == "image/png"
+    assert resolver.asked == [("images.example", local_server)]  # resolved once, then pinned
+    assert _Handler.hits == [("/image.png", f"images.example:{local_server}")]
+
+
+def test_loopback_is_refused_without_allow_private(local_server):
+    _Handler.hits.clear()
+    with pytest.raises(UrlFetchError, match="loopback") as err:
+        _get(f"http://127.0.0.1:{local_server}/image.png", allow_private=False)
+    assert err.value.status == 422
+    assert _Handler.hits == []  # never contacted
+
+
+def test_redirects_are_followed_by_hand_up_to_five(local_server):
+    got = _get(f"http://127.0.0.1:{local_server}/hop/4")  # 5 redirects, then the image
+    assert got.data == PNG and got.url.endswith("/image.png")
+    with pytest.raises(UrlFetchError, match="more than 5 redirects") as err:
+        _get(f"http://127.0.0.1:{local_server}/hop/5")
+    assert err.value.status == 502
+
+
+def test_each_redirect_is_checked_again(local_server):
+    base = f"http://127.0.0.1:{local_server}"
+    with pytest.raises(UrlFetchError, match="only http and https"):
+        _get(f"{base}/to?to=file:///etc/passwd")
+    _Handler.hits.clear()
+    with pytest.raises(UrlFetchError, match="multicast"):  # refused even with allow_private
+        _get(f"{base}/to?to=http://224.0.0.1/x.png")
+    resolver = StubResolver({"next.example": ["127.0.0.1", "0.0.0.0"]})
+    with pytest.raises(UrlFetchError, match="unspecified"):
+        _get(f"{base}/to?to=http://next.example:{local_server}/image.png", resolver=resolver)
+    assert resolver.asked == [("next.example", local_server)]
+    assert [path for path, _ in _Handler.hits] == ["/to?to=http://224.0.0.1/x.png",
+                                                   f"/to?to=http://next.example:{local_server}/image.png"]
+
+
+def test_byte_limit_declared_and_streamed(local_server):
+    base = f"http://127.0.0.1:{local_server}"
+    with pytest.raises(UrlFetchError, match="5000 bytes, over the limit of 4000") as err:
+        _get(f"{base}/big")
+    assert err.value.status == 413
+    with pytest.raises(UrlFetchError, match="over the limit of 4000") as err:
+        _get(f"{base}/big-chunked")  # no Content-Length: counted while reading
+    assert err.value.status == 413
+    assert len(_get(f"{base}/big-chunked", max_bytes=6000).data) == 6000
+
+
+def test_one_deadline_for_the_whole_fetch(local_server):
+    start = time.monotonic()
+    with pytest.raises(UrlFetchError, match="time-out") as err:
+        _get(f"http://127.0.0.1:{local_server}/slow", timeout=0.8)
+    assert err.value.status == 504
+    assert time.monotonic() - start < 3.0  # not 100 x 0.2 s
+
+
+def test_upstream_errors_are_502(local_server):
+    with pytest.raises(UrlFetchError, match="HTTP 404") as err:
+        _get(f"http://127.0.0.1:{local_server}/missing.png")
+    assert err.value.status == 502
+    free = _free_port()
+    with pytest.raises(UrlFetchError, match="cannot fetch") as err:
+        _get(f"http://127.0.0.1:{free}/image.png")
+    assert err.value.status == 502
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_messages_are_one_line():
+    buf = io.StringIO()
+    for url in ("ftp://x/", "http://127.0.0.1/"):
+        try:
+            fetch(url, max_bytes=10, timeout=1)
+        except UrlFetchError as exc:
+            buf.write(str(exc) + "\n")
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and all(lines)
