@@ -1,0 +1,205 @@
+"""The page at ``/`` in headless Chromium (Debian's ``chromium`` and ``chromium-driver``), driven by Selenium.
+
+Upload the portrait, wait for the results, check the three images and their
+sizes, recompose over a colour and a blurred background in the browser (no
+new request), use the keyboard, download the three results, show an API
+error in words, and save a screenshot in the test's temp folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PORTRAIT
+from serve import ServerProcess
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1100"]
+WAIT_S = 90.0  # every wait is bounded; generous for a busy 2-core machine
+
+
+def _require_browser() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{', '.join(missing)} missing and apt-get unavailable to install chromium chromium-driver")
+    pytest.fail(f"{', '.join(missing)} missing: run .ci/run, or apt-get install chromium chromium-driver")
+
+
+@pytest.fixture(scope="module")
+def page_server(flavour_files, tmp_path_factory):
+    """serve.py as an offline machine runs it: the generated model, with its warning."""
+    import synthetic_model
+
+    _require_browser()
+    models = tmp_path_factory.mktemp("models")
+    target = models / "synthetic" / f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx"
+    target.parent.mkdir()
+    shutil.copy(flavour_files["webnn"], target)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = ["--models-dir", str(models), "--offline", "--allow-synthetic", "--backend", "torch", "--device", "cpu",
+            "--size", "256", "--threads", "1"]
+    with ServerProcess(args, log_path=str(log)) as proc:
+        yield proc
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    driver.set_script_timeout(WAIT_S)
+    try:
+        yield driver, downloads
+    finally:
+        driver.quit()
+
+
+def _wait(driver, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+
+
+# the largest difference between the result canvas and alpha*photo + (1 - alpha)*colour, in 8-bit levels
+BLEND_ERROR_JS = """
+const [r, g, b] = arguments[0];
+const photo = document.getElementById('original');
+const matte = document.getElementById('matte');
+const result = document.getElementById('result');
+const w = result.width, h = result.height;
+function pixels(img) {
+  const c = document.createElement('canvas'); c.width = w; c.height = h;
+  const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0, w, h);
+  return ctx.getImageData(0, 0, w, h).data;
+}
+const p = pixels(photo), m = pixels(matte);
+const out = result.getContext('2d').getImageData(0, 0, w, h).data;
+let worst = 0, mixed = 0;
+for (let i = 0; i < out.length; i += 4) {
+  const a = m[i] / 255;
+  if (a > 0.05 && a < 0.95) mixed++;
+  const want = [p[i] * a + r * (1 - a), p[i + 1] * a + g * (1 - a), p[i + 2] * a + b * (1 - a)];
+  for (let k = 0; k < 3; k++) worst = Math.max(worst, Math.abs(out[i + k] - want[k]));
+  worst = Math.max(worst, Math.abs(out[i + 3] - 255));
+}
+return [worst, mixed];
+"""
+
+SIZES_JS = """
+const box = (el) => { const r = el.getBoundingClientRect(); return [r.width, r.height]; };
+const o = document.getElementById('original'), m = document.getElementById('matte'),
+      c = document.getElementById('result');
+return {original: [o.naturalWidth, o.naturalHeight, ...box(o)], matte: [m.naturalWidth, m.naturalHeight, ...box(m)],
+        result: [c.width, c.height, ...box(c)]};
+"""
+
+
+def _served(url: str) -> int:
+    return httpx.get(url + "/api/info", timeout=30).json()["requests_served"]
+
+
+def _downloaded(folder: Path, names: list[str]) -> dict[str, Image.Image]:
+    deadline = time.monotonic() + WAIT_S
+    while not all((folder / n).exists() for n in names) or list(folder.glob("*.crdownload")):
+        assert time.monotonic() < deadline, f"downloads missing: {sorted(os.listdir(folder))}"
+        time.sleep(0.1)
+    return {n: Image.open(folder / n) for n in names}
+
+
+def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver, downloads = browser
+    driver.get(page_server.url + "/")
+    _wait(driver, lambda d: "torch on cpu" in d.find_element(By.ID, "server-info").text, "the server's engine")
+    warning = driver.find_element(By.ID, "warning")
+    assert warning.is_displayed() and "GENERATED" in warning.text  # the synthetic model is announced
+
+    driver.find_element(By.ID, "file").send_keys(str(PORTRAIT))
+    _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", "the results")
+    status = driver.find_element(By.ID, "status").text
+    assert "Done in" in status and "model input 256x256" in status and "torch / cpu" in status
+
+    sizes = driver.execute_script(SIZES_JS)
+    for name, (w, h, shown_w, shown_h) in sizes.items():
+        assert (w, h) == (512, 512), name  # each at the photo's own size
+        assert shown_w > 150 and abs(shown_w - shown_h) <= 1, (name, shown_w, shown_h)  # on screen, square
+    served = _served(page_server.url)
+
+    # a colour: the result is the blend of photo and colour by the matte
+    driver.execute_script("const c = document.getElementById('bg-colour'); c.value = '#00ff00';"
+                          "c.dispatchEvent(new Event('input', {bubbles: true}));")
+    assert driver.find_element(By.ID, "result").get_attribute("data-background") == "colour"
+    worst, mixed = driver.execute_script(BLEND_ERROR_JS, [0, 255, 0])
+    assert mixed > 100 and worst <= 3, (worst, mixed)
+    colour_shot = driver.execute_script("return document.getElementById('result').toDataURL()")
+
+    # by keyboard: focus the "Blurred photo" radio and press space
+    driver.find_element(By.CSS_SELECTOR, 'input[name="bg"][value="blur"]').send_keys(Keys.SPACE)
+    _wait(driver, lambda d: d.find_element(By.ID, "result").get_attribute("data-background") == "blur", "blur")
+    assert driver.execute_script("return document.getElementById('result').toDataURL()") != colour_shot
+    assert "blurred" in driver.find_element(By.ID, "result-caption").text.lower()
+    assert _served(page_server.url) == served  # recomposed in the browser, no request
+
+    for button in ("dl-matte", "dl-cutout", "dl-composite"):
+        driver.find_element(By.ID, button).send_keys(Keys.ENTER)  # buttons answer the keyboard
+    files = _downloaded(downloads, ["portrait_astronaut_matte.png", "portrait_astronaut_cutout.png",
+                                    "portrait_astronaut_composite.png"])
+    assert files["portrait_astronaut_matte.png"].size == (512, 512)
+    assert files["portrait_astronaut_cutout.png"].mode == "RGBA"
+    cutout = np.asarray(files["portrait_astronaut_cutout.png"])
+    matte = np.asarray(files["portrait_astronaut_matte.png"].convert("L"))
+    assert np.abs(cutout[..., 3].astype(int) - matte).max() <= 1  # the cutout's alpha is the matte
+    assert files["portrait_astronaut_composite.png"].size == (512, 512)
+
+    # the page is usable by keyboard: Tab reaches the photo, the backgrounds and the downloads
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0);")
+    reached = []
+    for _ in range(20):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        reached.append(driver.execute_script("const e = document.activeElement; return e.id || e.value;"))
+    assert {"drop", "file", "dl-matte", "dl-cutout", "dl-composite"} <= set(reached), reached
+
+    shot = tmp_path / "page.png"
+    assert driver.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+    if os.environ.get("MODNET_SCREENSHOT"):  # how the README's screenshot is made
+        shutil.copy(shot, os.environ["MODNET_SCREENSHOT"])
+
+
+def test_page_shows_api_errors_in_words(page_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver, _ = browser
+    driver.get(page_server.url + "/")
+    fake = tmp_path / "holiday.png"  # an image by its name, text inside: only the server can tell
+    fake.write_text("this is not a picture\n" * 20)
+    driver.find_element(By.ID, "file").send_keys(str(fake))
+    _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error", "the error")
+    error = driver.find_element(By.ID, "error")
+    assert error.is_displayed() and error.get_attribute("role") == "alert"
+    assert "not an image the server can read (HTTP 415)" in error.text
+    assert driver.find_element(By.ID, "results").get_attribute("hidden") is not None
