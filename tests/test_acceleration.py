@@ -1,4 +1,5 @@
-"""Graph-capture bookkeeping and the CPU batch path, on the CPU; real capture on CUDA when present."""
+"""Graph-capture bookkeeping, the CPU batch path and compilation, on the CPU; NPU capture and
+torchair through the fake torch_npu (tests/fake_npu.py); real capture on CUDA when present."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import acceleration as fp
+from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 from inference_form import optimize
 
 
@@ -31,6 +33,11 @@ class FakeGraphs:
 
 def _double(x):
     return x * 2
+
+
+class Double(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
 
 
 def test_capture_on_second_sight_then_replay():
@@ -96,34 +103,197 @@ def test_cuda_graph_capture_matches_eager(seeded_model):
     assert float((out - ref).abs().max()) <= 1e-5
 
 
-def test_compiled_package_is_cached_and_reused(seeded_model, tmp_path):
-    import shutil
+class TwoConvs(torch.nn.Module):
+    """Small enough for AOTInductor to compile in seconds."""
 
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("AOTInductor needs a C++ compiler")
-    fast = optimize(copy.deepcopy(seeded_model))
-    x = torch.randn(1, 3, 64, 64)
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.b(torch.relu(self.a(x))))
+
+
+def test_compiled_package_is_cached_and_reused(tmp_path):
+    torch.manual_seed(0)
+    net = TwoConvs().eval()
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        ref = fast(x)
-    first = fp.compile_model(fast, torch.device("cpu"), str(tmp_path))
+        ref = net(x)
+    first = fp.compile_model(net, torch.device("cpu"), str(tmp_path))
     with torch.inference_mode():
         out = first(x)
-    assert first.compiled_now == 1 and float((out - ref).abs().max()) <= 1e-4
-    packages = list(tmp_path.glob("modnet-*-cpu-1x3x64x64-float32-*.pt2"))
+    assert first.compiled_now == 1 and float((out - ref).abs().max()) <= 1e-5
+    packages = list(tmp_path.glob("modnet-*-cpu-1x3x32x32-float32-*.pt2"))
     assert len(packages) == 1
     # a new process would find the package: no second compilation
-    second = fp.compile_model(fast, torch.device("cpu"), str(tmp_path))
+    second = fp.compile_model(net, torch.device("cpu"), str(tmp_path))
     with torch.inference_mode():
         again = second(x)
     assert second.compiled_now == 0 and second.from_cache == 1
     assert torch.allclose(again, out, atol=1e-6)
     # other weights, other package
-    other = optimize(copy.deepcopy(seeded_model))
+    other = copy.deepcopy(net)
     with torch.no_grad():
-        other.conv_f[1].conv.bias.add_(1.0)
-    assert fp.weights_digest(other) != fp.weights_digest(fast)
+        other.b.bias.add_(1.0)
+    assert fp.weights_digest(other) != fp.weights_digest(net)
+
+
+def test_modnet_compiled_through_the_runner_matches_eager(seeded_model, tmp_path):
+    """The one full MODNet compile of the suite (tens of seconds on two cores)."""
+    fast = optimize(copy.deepcopy(seeded_model))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = fast(x)
+    runner = fp.make_runner(fast, torch.device("cpu"), compile=True, threads=2, cache_dir=str(tmp_path))
+    out = runner(x)
+    assert runner.describe == "compiled"  # no batch-parallel or graphs on top of a compiled model
+    assert float((out - ref).abs().max()) <= 1e-4
+    stats = runner.stats()
+    assert (stats.compiled_now, stats.compiled_from_cache, stats.captures) == (1, 0, 0)
+
+
+def test_compile_without_a_cxx_compiler_is_one_clear_line(monkeypatch, tmp_path):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler-anywhere"))
+    assert fp.cpp_compiler() is None
+    with pytest.raises(fp.FastPathError, match=r"needs a C\+\+ compiler \(g\+\+\); install it") as err:
+        fp.compile_model(TwoConvs(), torch.device("cpu"), str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_a_failed_compilation_is_one_line(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("C++ compile error\n" + "g++ -O3 ... (a build log)\n" * 100)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    compiled = fp.compile_model(TwoConvs().eval(), torch.device("cpu"), str(tmp_path))
+    with pytest.raises(fp.FastPathError) as err:
+        compiled(torch.randn(1, 3, 32, 32))
+    assert str(err.value) == ("--compile: compiling for input (1, 3, 32, 32) failed (RuntimeError: C++ compile "
+                              "error); run without --compile")
+    assert list(tmp_path.iterdir()) == []  # no half-written package left to be loaded next time
 
 
 def test_compile_refuses_mps():
     with pytest.raises(fp.FastPathError, match="not supported on mps"):
         fp.compile_model(torch.nn.Identity(), torch.device("mps"))
+
+
+# --------------------------------------------------------------------------
+# NPU, through tests/fake_npu.py: calls, not tensors (CPU torch has no npu device)
+# --------------------------------------------------------------------------
+
+
+def test_npu_capture_runs_on_the_chosen_device_and_replays():
+    with FakeNpu(device_count=2) as npu:
+        runner = fp.make_runner(Double(), fake_device(1), graphs="on")
+        x = torch.ones(1, 3, 4, 4)
+        for _ in range(3):
+            assert torch.equal(runner(x), x * 2)
+        stats = runner.stats()
+        assert npu.current == 0  # the device context of each call is left again
+    assert (stats.captures, stats.replays, stats.capture_failures) == (1, 2, {})
+    assert stats.describe == "graph capture" and stats.pieces == ("graph capture",)
+    # the warm-up stream and the capture happen on device 1, not on the current device 0
+    assert npu.called("Stream")[0] == (1, 0)
+    assert (1,) in npu.called("device.__enter__")
+    assert len(npu.graphs) == 1 and npu.graphs[0].replays == 2
+
+
+def test_npu_capture_failure_with_graphs_on_is_one_line_with_the_reason():
+    with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR):
+        runner = fp.make_runner(Double(), fake_device(0), graphs="on")
+        x = torch.ones(1, 3, 4, 4)
+        runner(x)  # first sight: eager
+        with pytest.raises(fp.FastPathError) as err:
+            runner(x)
+    message = str(err.value)
+    assert message.startswith("--graphs on: graph capture failed for input 1x3x4x4 float32 (RuntimeError: "
+                              "Cannot run aclop operators during NPU graph capture.")
+    assert "\n" not in message and "--graphs auto" in message
+
+
+def test_npu_capture_failure_with_graphs_auto_is_logged_once_and_reported():
+    logged = []
+    with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR):
+        runner = fp.make_runner(Double(), fake_device(0), graphs="auto", log=logged.append)
+        for shape in [(1, 3, 4, 4)] * 4 + [(1, 3, 8, 8)] * 3:
+            x = torch.full(shape, 2.0)
+            assert torch.equal(runner(x), x * 2)  # eager, and right
+        stats = runner.stats()
+    assert len(logged) == 1 and "Cannot run aclop operators" in logged[0] and "running it eagerly" in logged[0]
+    assert (stats.captures, stats.replays) == (0, 0)
+    assert set(stats.capture_failures) == {"1x3x4x4 float32", "1x3x8x8 float32"}
+    assert stats.capture_failures["1x3x4x4 float32"].startswith("RuntimeError: Cannot run aclop operators")
+    assert runner.describe == "graph capture failed (eager)" and stats.as_dict()["describe"] == runner.describe
+
+
+def test_a_failed_capture_begin_puts_the_stream_back():
+    from fake_npu import TASK_QUEUE_CAPTURE_ERROR
+
+    with FakeNpu(device_count=1, capture_error=TASK_QUEUE_CAPTURE_ERROR, capture_error_at="begin"):
+        factory = fp.graph_factory(fake_device(0))
+        with pytest.raises(RuntimeError, match="TASK_QUEUE_ENABLE = 2"):
+            factory(_double, torch.ones(2))
+        # torch_npu's graph.__exit__ never ran: without the fix the capture stream would stay current
+        assert torch.npu.current_stream(0).stream_id == 0
+
+
+@pytest.mark.parametrize("graphs", ["on", "auto"])
+def test_task_queue_2_blocks_capture_before_anything_runs(monkeypatch, graphs):
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
+    logged = []
+    with FakeNpu(device_count=1) as npu:
+        if graphs == "on":
+            with pytest.raises(fp.FastPathError, match="--graphs on: TASK_QUEUE_ENABLE=2.*export TASK_QUEUE_ENABLE=1"):
+                fp.make_runner(Double(), fake_device(0), graphs=graphs)
+            return
+        runner = fp.make_runner(Double(), fake_device(0), graphs=graphs, log=logged.append)
+        for _ in range(3):
+            runner(torch.ones(2))
+    assert runner.graphs is None and npu.graphs == [] and runner.describe == "eager"
+    assert "TASK_QUEUE_ENABLE=2" in runner.stats().capture_blocked and "TASK_QUEUE_ENABLE=2" in logged[0]
+
+
+def test_npu_without_npugraph_falls_back_to_the_accelerator_graph(monkeypatch):
+    with FakeNpu(device_count=1):
+        monkeypatch.delattr(torch.npu, "NPUGraph")
+        factory = fp.graph_factory(fake_device(0))
+    assert factory is not None and factory.func is fp._capture_accelerator
+
+
+def test_broken_torchair_is_one_line_naming_the_cause():
+    missing = ModuleNotFoundError("No module named 'pkg_resources'")
+    with FakeNpu(device_count=1, torchair_error=missing):
+        with pytest.raises(fp.FastPathError) as err:
+            fp.make_runner(Double(), fake_device(0), compile=True)
+    message = str(err.value)
+    assert "ModuleNotFoundError: No module named 'pkg_resources'" in message
+    assert "setuptools<82" in message and "protobuf" in message and "\n" not in message
+    assert err.value.__cause__ is None  # the lazy module's page of text stays out
+
+
+def test_torchair_compiles_with_its_npu_backend():
+    with FakeNpu(device_count=1) as npu:
+        runner = fp.make_runner(TwoConvs().eval(), fake_device(0), compile=True, graphs="on")
+        x = torch.randn(1, 3, 16, 16)
+        out = runner(x)
+        stats = runner.stats()
+    assert torch.allclose(out, runner.compiled.fn._orig_mod(x), atol=1e-6)
+    assert len(npu.called("torchair.get_npu_backend")) == 1 and npu.called("torchair.backend")
+    assert stats.pieces == ("compiled",) and stats.compiled_now == 1 and runner.graphs is None
+
+
+def test_a_failed_torchair_compilation_is_one_line():
+    with FakeNpu(device_count=1) as npu:
+        def failing_backend(gm, example_inputs):
+            raise RuntimeError("GE compile failed\n" + "stack\n" * 50)
+
+        npu.torchair.get_npu_backend = lambda **kw: failing_backend
+        compiled = fp.compile_model(TwoConvs().eval(), fake_device(0))
+        with pytest.raises(fp.FastPathError, match=r"^--compile: torchair compilation for input \(1, 3, 16, 16\) "
+                                                   r"failed \(RuntimeError: GE compile failed\); run without --compile$"):
+            compiled(torch.randn(1, 3, 16, 16))
