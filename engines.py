@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 import devices
-from acceleration import make_runner
+from acceleration import FastPathStats, make_runner
 from imaging import Size
 from precision import check as check_precision
 
@@ -118,25 +119,53 @@ class OrtEngine:
 class TorchEngine:
     """A MODNet module on a device at a precision, called through :func:`acceleration.make_runner`.
 
-    Takes normalised input (numpy or tensor), returns float32 numpy. Process-wide
-    CPU settings (threads, allocator) are the entry point's job
+    Takes normalised input (numpy or tensor), returns float32 numpy. Every
+    PyTorch entry point (the pipeline, inference.py, the service, benchmarks)
+    builds one, so the device is made ready here, before the model reaches it
+    (:func:`devices.activate`: current device, NPU internal formats off,
+    ``strict_fp32`` when asked). Without ``strict_fp32`` a 910B runs fp32
+    convolutions in HF32 and CUDA in TF32 (their defaults; fine for matting).
+    Process-wide CPU settings (threads, allocator) are the entry point's job
     (``process_setup.setup_process``), not the engine's.
     """
 
     name = "torch"
     fixed_size: Size | None = None  # any multiple of 32
 
-    def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32", compile: bool = False,
-                 graphs: str = "auto", threads: int = 0, log: Callable[[str], None] = lambda m: None) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32",
+                 strict_fp32: bool = False, compile: bool = False, graphs: str = "auto", threads: int = 0,
+                 log: Callable[[str], None] = lambda m: None) -> None:
         from inference_form import with_precision
 
         self.device = device
         self.precision = check_precision(precision)
+        activated = devices.activate(device, strict_fp32=strict_fp32)
+        for note in activated.notes:
+            log(f"note: {note}")
+        if precision == "bf16":  # after activate: asking the NPU initialises it, and options come first
+            devices.check_bf16(device)
         self.model, self.dtype = with_precision(model.to(device).eval(), precision)
+        # the weights' copy initialised the device: CANN has applied (or refused) the options by now
+        self.settings = replace(activated, in_force=devices.read_back(device))
         self.runner = make_runner(self.model, device, compile=compile, graphs=graphs,
                                   threads=default_threads(threads), log=log)
-        self.describe = self.runner.describe
-        self.description = f"PyTorch on {device} ({precision}; {self.describe})"
+
+    @property
+    def describe(self) -> str:
+        """The fast path's pieces, saying so when graph captures failed."""
+        return self.runner.describe
+
+    @property
+    def description(self) -> str:
+        return f"PyTorch on {self.device} ({self.precision}; {self.describe})"
+
+    def fast_path_stats(self) -> FastPathStats:
+        """Graph captures, replays and failures (with reasons), compilations: what the fast path did so far."""
+        return self.runner.stats()
+
+    def device_settings(self) -> devices.DeviceSettings:
+        """What :func:`devices.activate` set, with the options in force read back now."""
+        return replace(self.settings, in_force=devices.read_back(self.device))
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
@@ -188,9 +217,12 @@ def choose_backend(backend: str, device: str) -> tuple[str, str]:
 
 
 def open_engine(backend: str, onnx_path: str, *, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                compile: bool = False, graphs: str = "auto",
+                compile: bool = False, graphs: str = "auto", strict_fp32: bool = False,
                 log: Callable[[str], None] = lambda m: None) -> TorchEngine | OrtEngine:
-    """An engine of kind ``backend`` (``torch`` or ``ort``) on the model file at ``onnx_path``."""
+    """An engine of kind ``backend`` (``torch`` or ``ort``) on the model file at ``onnx_path``.
+
+    ``strict_fp32`` (torch): fp32 convolutions in fp32 on a 910B or CUDA, not HF32 / TF32.
+    """
     if backend == "ort":
         if device not in ("auto", "cpu"):
             raise ValueError(f"the ort backend runs on the CPU; --device {device} needs --backend torch")
@@ -202,5 +234,6 @@ def open_engine(backend: str, onnx_path: str, *, device: str = "auto", precision
     from convert_onnx_to_torch import build_torch_model_from_onnx
 
     target = devices.select_device(device)
-    model = build_torch_model_from_onnx(onnx_path, target)
-    return TorchEngine(model, target, precision=precision, compile=compile, graphs=graphs, threads=threads, log=log)
+    model = build_torch_model_from_onnx(onnx_path)  # on the CPU: TorchEngine readies the device first
+    return TorchEngine(model, target, precision=precision, strict_fp32=strict_fp32, compile=compile, graphs=graphs,
+                       threads=threads, log=log)

@@ -1,12 +1,17 @@
+"""Choosing an engine; TorchEngine readies the device (NPU through tests/fake_npu.py) and reports its fast path."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
+import torch
+
+import devices
 import engines
+from acceleration import FastPathError
+from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 
 
 def test_auto_backend_choice(monkeypatch):
-    import devices
-    import torch
-
     assert engines.choose_backend("ort", "auto")[0] == "ort"
     assert engines.choose_backend("auto", "cpu")[0] == "torch"
     monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cpu"))
@@ -14,3 +19,140 @@ def test_auto_backend_choice(monkeypatch):
     assert backend == "ort" and "faster engine" in why
     monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cuda", 0))
     assert engines.choose_backend("auto", "auto")[0] == "torch"
+
+
+# --------------------------------------------------------------------------
+# TorchEngine readies the device before the model reaches it: every entry point
+# (pipeline, inference.py, the service, benchmarks) builds one. NPU through
+# tests/fake_npu.py; the model records the fake's state when it is moved.
+# --------------------------------------------------------------------------
+
+class Probe(torch.nn.Module):
+    """Doubles its input; when moved to a device, notes what the fake NPU had set by then."""
+
+    def __init__(self, npu: FakeNpu, on_move=None):
+        super().__init__()
+        self.npu = npu
+        self.on_move = on_move  # what the device stack does at initialisation (the first copy)
+        self.at_move: dict | None = None
+
+    def to(self, *args, **kwargs):
+        if self.at_move is None and any(getattr(a, "type", None) == "npu" for a in args):
+            self.at_move = {"options": dict(self.npu.options), "current": self.npu.current,
+                            "calls": list(self.npu.names())}
+            if self.on_move is not None:
+                self.on_move(self.npu)
+        return self  # CPU torch cannot hold npu tensors: the model stays where it is
+
+    def forward(self, x):
+        return x * 2
+
+
+def test_engine_sets_the_npu_up_before_the_model_reaches_it():
+    with FakeNpu(device_count=2) as npu:
+        probe = Probe(npu)
+        engine = engines.TorchEngine(probe, fake_device(1), graphs="auto")
+        settings = engine.device_settings()
+    assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable"
+    assert probe.at_move["current"] == 1 and "set_device" in probe.at_move["calls"]
+    assert "ACL_PRECISION_MODE" not in probe.at_move["options"]  # inference keeps the device's HF32 default
+    assert settings.current == 1 and settings.in_force["ALLOW_INTERNAL_FORMAT"] == "disable"
+    assert engine.describe == "graph capture" and engine.description == "PyTorch on npu:1 (fp32; graph capture)"
+
+
+def test_engine_strict_fp32_is_in_force_before_the_first_forward():
+    with FakeNpu(device_count=1) as npu:
+        probe = Probe(npu)
+        engine = engines.TorchEngine(probe, fake_device(0), strict_fp32=True)
+    assert probe.at_move["options"]["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
+    assert probe.at_move["options"]["ALLOW_CONV_HF32"] == "disable"
+    assert engine.settings.in_force["ALLOW_MATMUL_HF32"] == "disable"
+
+
+def test_engine_reads_the_options_back_once_the_device_is_initialised():
+    def cann_refuses_precision_mode(npu):  # CANN applies deferred options at initialisation, and may not
+        npu.options["ACL_PRECISION_MODE"] = "allow_fp32_to_fp16"
+
+    with FakeNpu(device_count=1) as npu:
+        engine = engines.TorchEngine(Probe(npu, cann_refuses_precision_mode), fake_device(0), strict_fp32=True)
+    assert engine.settings.requested["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
+    assert engine.settings.in_force["ACL_PRECISION_MODE"] == "allow_fp32_to_fp16"
+
+
+def test_engine_synchronises_the_chosen_npu_and_calls_it_there():
+    with FakeNpu(device_count=2) as npu:
+        engine = engines.TorchEngine(Probe(npu), fake_device(1), graphs="off")
+        npu.calls.clear()
+        engine.timed(torch.ones(1, 3, 4, 4))
+    assert npu.called("synchronize") == [(1,), (1,)]
+    assert npu.called("device.__enter__") == [(1,)]  # the forward ran with device 1 current
+
+
+def test_engine_graphs_on_fails_with_the_capture_reason():
+    with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR) as npu:
+        engine = engines.TorchEngine(Probe(npu), fake_device(0), graphs="on")
+        x = torch.ones(1, 3, 4, 4)
+        engine.runner(x)
+        with pytest.raises(FastPathError, match="graph capture failed for input 1x3x4x4 float32 .*aclop"):
+            engine.runner(x)
+
+
+def test_engine_graphs_auto_reports_failed_captures():
+    logged = []
+    with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR) as npu:
+        engine = engines.TorchEngine(Probe(npu), fake_device(0), graphs="auto", log=logged.append)
+        x = torch.ones(1, 3, 4, 4)
+        for _ in range(3):
+            assert torch.equal(engine.runner(x), x * 2)
+        stats = engine.fast_path_stats()
+    assert engine.describe == "graph capture failed (eager)"
+    assert stats.captures == 0 and "aclop" in stats.capture_failures["1x3x4x4 float32"]
+    assert len(logged) == 1
+
+
+def test_engine_bf16_on_an_npu_without_it_fails_before_the_model_moves():
+    with FakeNpu(device_count=1, bf16=False) as npu:
+        probe = Probe(npu)
+        with pytest.raises(devices.DeviceError, match="no bfloat16 support"):
+            engines.TorchEngine(probe, fake_device(0), precision="bf16")
+    assert probe.at_move is None
+    assert npu.names().index("config.allow_internal_format") < npu.names().index("is_bf16_supported")
+
+
+def test_engine_notes_the_environment(monkeypatch):
+    monkeypatch.setenv("ACL_OP_INIT_MODE", "2")
+    monkeypatch.delenv("TASK_QUEUE_ENABLE", raising=False)
+    logged = []
+    with FakeNpu(device_count=1) as npu:
+        engines.TorchEngine(Probe(npu), fake_device(0), log=logged.append)
+    assert logged and logged[0].startswith("note: ACL_OP_INIT_MODE=2")
+
+
+def test_engine_on_the_cpu_reports_its_fast_path():
+    engine = engines.TorchEngine(torch.nn.Conv2d(3, 1, 1), torch.device("cpu"), threads=2)
+    try:
+        out = engine.infer(np.ones((2, 3, 8, 8), np.float32))
+        stats = engine.fast_path_stats()
+    finally:
+        engine.close()
+    assert out.shape == (2, 8, 8)
+    assert stats.pieces == ("batch-parallel x2",) and stats.as_dict()["captures"] == 0
+    assert engine.device_settings() == devices.DeviceSettings("cpu")
+
+
+def test_matting_on_npu_1_readies_device_1_before_the_model_reaches_it(monkeypatch, webnn_file):
+    """The path of inference.py and the service: Matter -> open_engine -> TorchEngine."""
+    import convert_onnx_to_torch
+    from matting import Matter
+
+    with FakeNpu(device_count=2) as npu:
+        probe = Probe(npu)
+        built = []
+        monkeypatch.setattr(convert_onnx_to_torch, "build_torch_model_from_onnx",
+                            lambda path, device=None: built.append(device) or probe)
+        # CPU torch cannot make torch.device("npu", 1); select_device's own checks are in test_devices
+        monkeypatch.setattr(devices, "select_device", lambda spec: fake_device(int(spec.partition(":")[2] or 0)))
+        matter = Matter(webnn_file, backend="torch", device="npu:1", graphs="off")
+    assert built == [None]  # built on the CPU, moved by the engine once the device is ready
+    assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable" and probe.at_move["current"] == 1
+    assert matter.engine.description == "PyTorch on npu:1 (fp32; eager)"
