@@ -7,7 +7,8 @@ Python API (re-exported here)::
     matter = Matter(backend="auto", device="auto", allow_synthetic=True)
     alpha = matter.matte("photo.jpg")            # float32 (H, W) in [0, 1]
 
-Command line: ``python3 inference.py INPUT... -o OUTDIR [options]``.
+Command line: ``python3 inference.py INPUT... -o OUTDIR [options]``; with
+``--ray [ADDRESS]`` the same job runs on a Ray cluster (``scaleout``).
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import argparse
 import io
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engines import BACKEND_CHOICES
 from errors import ModnetError
 from imaging import ImageReadError, load_image, parse_color, parse_size_spec
-from jobs import FORMATS, Job, Progress, plan_jobs, run_jobs, still_to_do
+from jobs import FORMATS, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
 from matting import MODES, Matter, render
-from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, DownloadError
+from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, DownloadError, resolve_or_fallback
 from precision import PRECISIONS
 
 __all__ = ["Matter", "main"]
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--temporal", action="store_true", help="video: one-frame-delay smoothing against flicker")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-file messages")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: without ADDRESS a local Ray is started for the run and shut down after; auto or "
+                        "ray://HOST:PORT uses a running cluster and leaves it running (pip install -r "
+                        "requirements-ray.txt; put --ray after the inputs, or write --ray=ADDRESS)")
     return p
 
 
@@ -89,6 +94,8 @@ def _check_args(args: argparse.Namespace, modes: list[str]) -> None:
         raise _UsageError("with - (stdin) the result goes to stdout; drop -o/--output-dir")
     if not stdin and not args.output_dir:
         raise _UsageError("-o/--output-dir is required")
+    if args.ray is not None:
+        _check_ray(args.ray, stdin)
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"-o {args.output_dir}: is a file, not a folder")
     if args.batch < 1:
@@ -101,6 +108,19 @@ def _check_args(args: argparse.Namespace, modes: list[str]) -> None:
         if looks_like_file and not args.background.startswith("#"):
             raise ValueError(f"--background {args.background}: no such file")
         parse_color(args.background)
+
+
+def _check_ray(address: str, stdin: bool) -> None:
+    from scaleout import check_address
+
+    if stdin:
+        raise _UsageError("--ray runs files and folders; - (stdin) runs here, without --ray")
+    if os.path.exists(address):  # argparse gives --ray the next word when it is followed by an input
+        raise _UsageError(f"--ray took {address} as its ADDRESS; put --ray after the inputs, or write --ray=ADDRESS")
+    try:
+        check_address(address)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _open_matter(args: argparse.Namespace) -> Matter:
@@ -169,7 +189,8 @@ class _Bars(Progress):
             self.bar.close()
 
 
-def _run_folder(matter: Matter, args: argparse.Namespace, modes: list[str]) -> int:
+def _run_folder(run: Callable[[list[Job], Progress], RunSummary], args: argparse.Namespace, modes: list[str]) -> int:
+    """Plan, skip what is done, ``run`` the rest (here or on Ray), summarise: one path for both."""
     plan = plan_jobs(args.inputs, args.output_dir, modes, args.format, args.recursive)
     info = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     for line in plan.errors:
@@ -189,14 +210,46 @@ def _run_folder(matter: Matter, args: argparse.Namespace, modes: list[str]) -> i
             todo.append(pending)
     bars = _Bars(len(todo), show=not args.quiet and sys.stderr.isatty())
     try:
-        summary = run_jobs(matter, todo, background=args.background, batch=args.batch, temporal=args.temporal,
-                           progress=bars)
+        summary = run(todo, bars)
     finally:
         bars.close()
     failed = summary.failed + len(plan.errors)
     info(f"done: {summary.succeeded} succeeded, {failed} failed, {skipped} skipped; "
          f"{summary.images_per_s:.2f} images/s")
     return 1 if failed else 0
+
+
+def _model_error(exc: Exception, args: argparse.Namespace) -> str:
+    if not isinstance(exc, DownloadError):
+        return str(exc)
+    msg = "every download method failed (above)" if exc.attempts and not args.quiet else str(exc)
+    if not args.allow_synthetic:
+        msg += "; pass --model PATH to a local .onnx, or --allow-synthetic to test with a generated model"
+    return msg
+
+
+def _main_ray(args: argparse.Namespace, modes: list[str]) -> int:
+    """--ray: the model resolved and the job planned here, run on the cluster (workers never download)."""
+    try:
+        import scaleout
+
+        scaleout.require_ray()
+        log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+        source = resolve_or_fallback(args.model, args.models_dir, allow_synthetic=args.allow_synthetic,
+                                     sha256=args.sha256, offline=args.offline, log=log)
+        if source.warning:
+            log(f"WARNING: {source.warning}")
+        spec = scaleout.EngineSpec(source.path, args.backend, args.device, args.precision, args.size, args.threads,
+                                   args.compile, args.graphs, args.models_dir)
+        return _run_folder(lambda todo, bars: scaleout.run_on_ray(
+            todo, spec=spec, address=args.ray, background=args.background, batch=args.batch,
+            temporal=args.temporal, progress=bars, log=log), args, modes)
+    except (ModnetError, ValueError, OSError) as exc:
+        print(f"error: {_model_error(exc, args)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; finished outputs are kept, no partial file is left", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,16 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, _UsageError) else 1
+    if args.ray is not None:
+        return _main_ray(args, modes)
     try:
         matter = _open_matter(args)
-    except DownloadError as exc:
-        msg = "every download method failed (above)" if exc.attempts and not args.quiet else str(exc)
-        if not args.allow_synthetic:
-            msg += "; pass --model PATH to a local .onnx, or --allow-synthetic to test with a generated model"
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
     except (ModnetError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_model_error(exc, args)}", file=sys.stderr)
         return 1
     with matter:
         if not args.quiet:
@@ -225,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.inputs == ["-"]:
                 return _stdin_mode(matter, modes[0], args.background)
-            return _run_folder(matter, args, modes)
+            return _run_folder(lambda todo, bars: run_jobs(matter, todo, background=args.background, batch=args.batch,
+                                                           temporal=args.temporal, progress=bars), args, modes)
         except (ModnetError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -1,0 +1,292 @@
+"""``inference.py --ray``: the local path's outputs, errors and resume, on a local Ray.
+
+Placement and argument checks need no Ray. The rest runs on one Ray session
+for the module (started like the CLI starts one, ~8 s on two cores, in a short
+temporary folder: Ray's socket paths must stay under ~107 characters); the
+first Ray test starts and stops its own through the CLI, before that session
+exists. Every Ray session must leave no Ray process behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import inference
+import scaleout
+from conftest import PORTRAIT, ROOT
+
+# Ray Data sets its deprecated options on every copy of its context: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+MODES = ("matte", "cutout", "composite")
+
+
+# --------------------------------------------------------------------------
+# no Ray needed
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device,cluster,nodes,actors,expect", [
+    ("auto", "auto", {"CPU": 8}, 1, None, ("ort", "cpu", 1, 0, {})),
+    ("auto", "auto", {"CPU": 192, "NPU": 8}, 1, None, ("torch", "npu", 8, 24, {"resources": {"NPU": 1}})),
+    ("auto", "auto", {"CPU": 128, "NPU": 16}, 2, None, ("torch", "npu", 16, 8, {"resources": {"NPU": 1}})),
+    ("torch", "cuda:1", {"CPU": 32, "GPU": 4}, 1, None, ("torch", "cuda", 4, 8, {"num_gpus": 1})),
+    ("torch", "cpu", {"CPU": 2}, 1, 2, ("torch", "cpu", 2, 1, {})),
+    ("auto", "cpu", {"CPU": 64}, 4, None, ("torch", "cpu", 4, 0, {})),
+])
+def test_placement_follows_the_cluster(backend, device, cluster, nodes, actors, expect):
+    p = scaleout.place(backend=backend, device=device, precision="fp32", cluster=cluster, nodes=nodes, actors=actors)
+    assert (p.backend, p.device, p.actors, p.threads, p.ray_args) == expect
+
+
+@pytest.mark.parametrize("backend,device,precision,cluster,actors,error,expect", [
+    ("torch", "cuda", "fp32", {"CPU": 2}, None, scaleout.ScaleoutError, "has no GPU"),
+    ("auto", "npu", "fp32", {"CPU": 8, "GPU": 1}, None, scaleout.ScaleoutError, "has no NPU"),
+    ("torch", "cuda", "fp32", {"CPU": 8, "GPU": 2}, 4, scaleout.ScaleoutError, "cluster has 2"),
+    ("torch", "cpu", "fp32", {"CPU": 2}, 3, scaleout.ScaleoutError, "reserve every CPU"),
+    ("ort", "cuda", "fp32", {"CPU": 8, "GPU": 1}, None, ValueError, "ort backend runs on the CPU"),
+    ("ort", "cpu", "fp16", {"CPU": 8}, None, ValueError, "needs --backend torch"),
+    ("torch", "tpu", "fp32", {"CPU": 8}, None, ValueError, "unknown device"),
+])
+def test_placement_refuses_what_would_hang_or_cannot_run(backend, device, precision, cluster, actors, error, expect):
+    with pytest.raises(error, match=expect):
+        scaleout.place(backend=backend, device=device, precision=precision, cluster=cluster, actors=actors)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["-", "--mode", "matte", "--ray"], "- (stdin) runs here"),
+    (["--ray", "{src}", "-o", "{out}"], "took"),
+    (["{src}", "-o", "{out}", "--ray=cluster-7"], "not a Ray address"),
+])
+def test_ray_usage_errors_are_one_line(args, expect, tmp_path, capsys):
+    args = [a.format(src=tmp_path, out=tmp_path / "o") for a in args]
+    assert inference.main([*args, str(tmp_path)] if "took" in expect else args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err
+
+
+def test_without_ray_installed_the_error_says_how_to_install(tmp_path, capsys, monkeypatch, webnn_file):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--model", webnn_file, "--ray"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "pip install -r requirements-ray.txt" in err
+
+
+# --------------------------------------------------------------------------
+# on Ray
+# --------------------------------------------------------------------------
+
+
+def _ray_processes(marker: str) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if marker in line]
+
+
+def _assert_no_ray_left(marker: str, wait_s: float = 15.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while _ray_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not _ray_processes(marker), "Ray processes left behind"
+
+
+def _cli(args: list[str]) -> tuple[int, str, float]:
+    err = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        code = inference.main(args)
+    return code, err.getvalue(), time.perf_counter() - start
+
+
+def test_missing_device_fails_fast_and_the_local_ray_is_shut_down(tmp_path, monkeypatch, flavour_files):
+    """The CLI starts its own Ray (no ADDRESS), finds no GPU, says so, and stops it; under 30 s."""
+    pytest.importorskip("ray.data")
+    import ray
+
+    assert not ray.is_initialized(), "this test must run before the module's Ray session starts"
+    short = tempfile.mkdtemp(prefix="sxt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", short)  # Ray's own default folder, moved: short, and known to find its processes
+    try:
+        code, err, seconds = _cli([str(PORTRAIT), "-o", str(tmp_path / "o"), "--model", flavour_files["official"],
+                                   "--backend", "torch", "--device", "cuda", "--ray"])
+        assert code == 1 and seconds < 30, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "the Ray cluster has no GPU" in errors[0]
+        assert "Traceback" not in err and not ray.is_initialized()
+        _assert_no_ray_left(short)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the module: two CPUs, a small object store, no dashboard, usage stats off."""
+    pytest.importorskip("ray.data")
+    short = tempfile.mkdtemp(prefix="sxt", dir="/tmp")
+    try:
+        with scaleout.ray_session(None, local=scaleout.LocalRay(num_cpus=2, object_store_mb=160, temp_dir=short)):
+            yield short
+        _assert_no_ray_left(short)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _make_video(path: Path, frames: int = 10, fps: int = 20) -> None:
+    import av
+
+    base = np.asarray(Image.open(PORTRAIT).resize((96, 64)))
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+        a = out.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        for i in range(frames):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")):
+                out.mux(p)
+        tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(16000 * frames // fps) / 16000)).astype(np.float32)
+        for k in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, k : k + 1024], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, k
+            for p in a.encode(frame):
+                out.mux(p)
+        for s in (v, a):
+            for p in s.encode():
+                out.mux(p)
+
+
+def _inputs(src: Path) -> None:
+    """30 photos of mixed sizes (48..160 px, some sharing one), 2 corrupt files and a short video."""
+    base = Image.open(PORTRAIT)
+    rng = np.random.default_rng(7)
+    for i in range(30):
+        w, h = (96, 64) if i % 5 == 0 else (int(rng.integers(48, 161)), int(rng.integers(48, 161)))
+        img = base.resize((w, h)).rotate(7 * i)
+        img.save(src / (f"p{i:02d}.png" if i % 3 else f"p{i:02d}.jpg"))
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (src / "notapng.png").write_bytes(b"plain text")
+    _make_video(src / "clip.mp4")
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, tmp_path_factory, flavour_files):
+    """The same job through the local path (here) and through --ray (a fresh process joining the cluster)."""
+    import ray
+
+    root = tmp_path_factory.mktemp("scaleout")
+    src = root / "in"
+    src.mkdir()
+    _inputs(src)
+    common = [str(src), "--model", flavour_files["official"], "--size", "64", "--backend", "torch", "--device", "cpu",
+              "--batch", "4", "--background", "#00ff00", *[a for m in MODES for a in ("--mode", m)]]
+    local = _cli([*common, "-o", str(root / "local")])
+    # a process of its own: its whole stderr is seen, Ray's C++ core and log handlers included
+    address = ray.get_runtime_context().gcs_address
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), *common, "-o", str(root / "ray"),
+                           "--ray", address], capture_output=True, text=True, timeout=300)
+    ray_run = (proc.returncode, proc.stderr + proc.stdout, time.perf_counter() - start)
+    return SimpleNamespace(root=root, common=common, local=local, ray=ray_run)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def test_ray_writes_what_the_local_path_writes(runs):
+    local, ray = runs.root / "local", runs.root / "ray"
+    assert set(_files(ray)) == set(_files(local)) and len(_files(ray)) == 30 * 3 + 3
+    for name in _files(local):
+        if name.endswith(".mp4") or name.endswith(".mov"):
+            continue
+        a, b = np.asarray(Image.open(local / name)), np.asarray(Image.open(ray / name))
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1, name
+
+
+def test_corrupt_files_are_one_error_line_each_and_exit_1(runs):
+    for code, err, _ in (runs.local, runs.ray):
+        errors = sorted(line for line in err.splitlines() if line.startswith("error:"))
+        assert code == 1 and len(errors) == 2, err
+        assert "broken.jpg" in errors[0] and "notapng.png" in errors[1]
+        assert "31 succeeded, 2 failed, 0 skipped" in err and "images/s" in err
+
+
+def test_ray_is_quiet(runs):
+    """Our lines only: no Ray log line, warning or traceback on the way."""
+    ours = ("error: ", "ray: ", "done: ", "backend ")
+    assert [line for line in runs.ray[1].splitlines() if not line.startswith(ours)] == []
+
+
+def test_video_on_ray_keeps_frames_and_audio(runs):
+    import av
+
+    for name in ("clip_matte.mp4", "clip_cutout.mov", "clip_composite.mp4"):
+        seen = []
+        for folder in ("local", "ray"):
+            with av.open(str(runs.root / folder / name)) as c:
+                seen.append((len(list(c.decode(video=0))), len(c.streams.audio), c.streams.video[0].average_rate))
+        assert seen[0] == seen[1] == (10, 1, 20), name
+
+
+def test_a_second_run_writes_nothing_new(runs):
+    before = _files(runs.root / "ray")
+    code, err, _ = _cli([*runs.common, "-o", str(runs.root / "ray"), "--ray", "auto"])
+    assert code == 1 and "0 succeeded, 2 failed, 31 skipped" in err  # the corrupt files are tried again
+    assert _files(runs.root / "ray") == before
+
+
+def test_missing_device_on_a_running_cluster_fails_fast(cluster, tmp_path, flavour_files):
+    code, err, seconds = _cli([str(PORTRAIT), "-o", str(tmp_path), "--model", flavour_files["official"],
+                               "--device", "npu", "--ray", "auto"])
+    assert code == 1 and seconds < 30 and "the Ray cluster has no NPU" in err and err.count("error:") == 1
+
+
+def test_a_broken_model_is_one_error_line_before_any_actor_starts(cluster, tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx file")
+    code, err, seconds = _cli([str(PORTRAIT), "-o", str(tmp_path / "o"), "--model", str(bad), "--device", "cpu",
+                               "--ray", "auto"])
+    assert code == 1 and err.count("\n") == 1 and "not a readable ONNX file" in err and seconds < 5, err
+    assert not (tmp_path / "o").exists()
+
+
+class _DiesOnce(scaleout._ImageActor):
+    """An inference actor whose process dies in its first batch (a crash, an OOM kill)."""
+
+    marker = ""
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_an_actor_that_dies_is_replaced_and_its_batch_retried(cluster, tmp_path, monkeypatch, flavour_files):
+    import ray.cloudpickle
+
+    from imaging import ShortSide
+    from jobs import plan_jobs
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    monkeypatch.setattr(_DiesOnce, "marker", str(tmp_path / "died"))
+    monkeypatch.setattr(scaleout, "_ImageActor", _DiesOnce)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.open(PORTRAIT).resize((64 + 16 * i, 64)).save(src / f"p{i}.jpg")
+    jobs = plan_jobs([str(src)], str(tmp_path / "out"), ["matte"], "png", False).jobs
+    summary = scaleout.run_on_ray(jobs, spec=scaleout.EngineSpec(flavour_files["official"], "torch", "cpu",
+                                                                 size=ShortSide(64)), batch=2)
+    assert (tmp_path / "died").exists() and (summary.succeeded, summary.failed) == (3, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"p{i}_matte.png" for i in range(3)]
