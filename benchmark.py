@@ -252,6 +252,7 @@ BUSY_OPTIONS: dict[str, tuple[dict[str, str], int]] = {
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, -1),
     "free-cpus": ({"GOMP_SPINCOUNT": "300000"}, 0),
     "free-cpus+spin-10000": ({"GOMP_SPINCOUNT": "10000"}, 0),
+    "free-cpus+spin-1000": ({"GOMP_SPINCOUNT": "1000"}, 0),
     "1-thread": ({"GOMP_SPINCOUNT": "300000"}, 1),
 }
 
@@ -279,13 +280,17 @@ def probe_pipeline_timing(model: str, image: str, runs: int, warmup: int, thread
             "ort_ms": times["ort"], "torch_ms": times["torch"], "noise": probe.result.as_dict()}
 
 
+# one core's worth of work, which ends by itself when its parent goes (even killed)
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1_000_000): pass"
+
+
 @contextlib.contextmanager
 def busy_process(busy: bool) -> Iterator[None]:
     """A CPU-bound process beside the block when ``busy`` (one core's worth), killed after."""
     if not busy:
         yield
         return
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
     try:
         time.sleep(0.5)  # running before the measured process starts
         yield
