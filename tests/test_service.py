@@ -373,6 +373,21 @@ def test_soak_no_errors_and_bounded_memory(client, server):
     assert rss1 - rss0 < 50.0
 
 
+def test_benchmark_load_driver_and_table(server):
+    """bench_serve's measuring parts against this server (the full suite starts two servers of its own)."""
+    import bench_serve
+
+    image = _variants(1, crop=(96, 64))[0]
+    load = bench_serve.drive(server.url, image, clients=3, per_client=2, deadline=time.monotonic() + 120)
+    assert len(load.latencies_ms) == 6 and load.errors == 0 and 1 <= load.forward_passes <= 6
+    assert all(ms > 0 for ms in load.latencies_ms) and load.seconds > 0
+    on = bench_serve._summary("batching on", 3, [load])
+    assert on["requests"] == 6 and on["p50_ms"] <= on["p99_ms"] and on["requests_per_s"] > 0
+    table = bench_serve.format_serve({"results": [on, dict(on, config="batching off")], "engine": "engine",
+                                      "model_size": "size", "image": "image"})
+    assert table.splitlines()[2].startswith("| 3 | ") and "x1.00 |" in table and "0 failed requests" in table
+
+
 # --------------------------------------------------------------------------
 # the app in this process, for what a CLI run cannot hold still
 # --------------------------------------------------------------------------
