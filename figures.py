@@ -91,20 +91,35 @@ def _verdict(accuracy) -> tuple[str, str]:
     return text, ("#2b8a3e" if accuracy.passed else WARN_COLOUR)
 
 
+def _comparison_lines(ort_name: str, dev_name: str, device: str, accuracy, synthetic: bool,
+                      note: str | None) -> list[tuple[str, str, int]]:
+    """The title lines (text, colour, font size): engines; verdict; generated model; note."""
+    lines = [(f"MODNet parity: {ort_name} vs {dev_name}", "black", 15)]
+    if accuracy is not None:
+        text, colour = _verdict(accuracy)
+        lines.append((f"{text}; precision {accuracy.precision}, device {device}", colour, 12))
+    if synthetic:
+        lines.append(("GENERATED MODEL (seeded weights) - mattes not meaningful", WARN_COLOUR, 12))
+    if note:
+        lines.append((note, "black", 11))
+    return lines
+
+
 def comparison_chart(image: np.ndarray, ort_matte: np.ndarray, dev_matte: np.ndarray, *, device: str,
-                     accuracy=None, synthetic: bool = False):
+                     accuracy=None, synthetic: bool = False, note: str | None = None):
     """Input, ONNX Runtime's matte, PyTorch's, and |error| on the fixed log scale with its colour bar.
 
     ``device``: where PyTorch ran (e.g. ``cpu``, ``npu:0``). ``accuracy``
     (:class:`report.Accuracy`): the verdict, MAE, max error and precision in the
     title. ``synthetic``: a red line says the model is generated and its mattes
-    mean nothing.
+    mean nothing. ``note``: a further line (e.g. which of several images is shown).
     """
     err = np.abs(ort_matte.astype(np.float64) - dev_matte.astype(np.float64))
-    fig = _new_figure(16, 5.2)
-    axes = fig.subplots(1, 4, gridspec_kw={"left": 0.01, "right": 0.93, "top": 0.80, "bottom": 0.04,
-                                           "wspace": 0.05})
     ort_name, dev_name = engine_names(device.split(":")[0])
+    lines = _comparison_lines(ort_name, dev_name, device, accuracy, synthetic, note)
+    fig = _new_figure(16, 5.2)
+    axes = fig.subplots(1, 4, gridspec_kw={"left": 0.01, "right": 0.93, "top": 0.965 - 0.055 * len(lines),
+                                           "bottom": 0.04, "wspace": 0.05})
     panels = [("input", image, {}),
               (f"{ort_name} matte", to_uint8(ort_matte), {"cmap": "gray", "vmin": 0, "vmax": 255}),
               (f"PyTorch matte on {device}", to_uint8(dev_matte), {"cmap": "gray", "vmin": 0, "vmax": 255})]
@@ -116,14 +131,9 @@ def comparison_chart(image: np.ndarray, ort_matte: np.ndarray, dev_matte: np.nda
     heat.set_gid("error-map")
     axes[3].set_title(f"|error|, log scale (max {err.max():.1e})", fontsize=11)
     axes[3].set_axis_off()
-    cax = fig.add_axes([0.94, 0.08, 0.012, 0.68])
+    box = axes[3].get_position()
+    cax = fig.add_axes([0.94, box.y0, 0.012, box.height])
     fig.colorbar(heat, cax=cax, extend="min").set_label("|ONNX Runtime - PyTorch|")
-    lines = [(f"MODNet parity: {ort_name} vs {dev_name}", "black", 15)]
-    if accuracy is not None:
-        text, colour = _verdict(accuracy)
-        lines.append((f"{text}; precision {accuracy.precision}, device {device}", colour, 12))
-    if synthetic:
-        lines.append(("GENERATED MODEL (seeded weights) - mattes not meaningful", WARN_COLOUR, 12))
     for i, (text, colour, size) in enumerate(lines):
         fig.text(0.5, 0.97 - 0.055 * i, text, ha="center", va="top", color=colour, fontsize=size,
                  fontweight="bold" if i else "normal")
