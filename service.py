@@ -18,6 +18,7 @@ status, and one log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import math
@@ -26,7 +27,6 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -493,17 +493,13 @@ class Service:
             self.batcher.executor.submit(self._warm_up, matter).result()
         except Exception as exc:  # any failure to open the model ends the server with one line
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self._call_soon(loop, self._failed, message)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped meanwhile
+                loop.call_soon_threadsafe(self._failed, message)
             return
-        self._call_soon(loop, self._ready, matter)
-
-    @staticmethod
-    def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
         try:
-            loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(self._ready, matter)
         except RuntimeError:  # the server stopped while the model loaded
-            if fn.__name__ == "_ready":
-                args[0].close()
+            matter.close()
 
     def _warm_up(self, matter: Matter) -> None:
         """First forwards (one image, then two) at the size a typical upload gets, off the request path."""
@@ -777,7 +773,7 @@ def create_app(settings: ServiceSettings, open_matter: Callable[[], Matter], *,
     """The app; ``open_matter`` runs once on a thread at start-up, ``on_fatal`` is called if it fails."""
     service = Service(settings, open_matter, on_fatal)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
         try:

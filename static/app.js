@@ -32,8 +32,12 @@ function clearError() {
 
 async function loadInfo() {
   try {
-    const r = await fetch("/api/info");
+    const r = await fetch("api/info");
     const info = await r.json();
+    if (info.load_error) {
+      showError(`The server could not load its model: ${info.load_error}.`);
+      return;
+    }
     if (!info.ready) {
       $("server-info").textContent = "The server is still loading its model…";
       setTimeout(loadInfo, 2000);
@@ -171,7 +175,7 @@ async function matte(file) {
   const started = performance.now();
   let response;
   try {
-    response = await fetch("/api/matte?mode=matte&format=png", { method: "POST", body: form });
+    response = await fetch("api/matte?mode=matte&format=png", { method: "POST", body: form });
   } catch (err) {
     showError(`Could not reach the server: ${err.message}.`);
     return;
@@ -241,12 +245,6 @@ async function setBackgroundImage(file) {
 function wire() {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => matte(e.target.files[0]));
-  drop.addEventListener("keydown", (e) => {
-    if ((e.key === "Enter" || e.key === " ") && e.target === drop) {
-      e.preventDefault();
-      $("file").click();
-    }
-  });
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();
     drop.classList.add("over");

@@ -182,7 +182,7 @@ def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path)
     for _ in range(20):
         ActionChains(driver).send_keys(Keys.TAB).perform()
         reached.append(driver.execute_script("const e = document.activeElement; return e.id || e.value;"))
-    assert {"drop", "file", "dl-matte", "dl-cutout", "dl-composite"} <= set(reached), reached
+    assert {"file", "bg-colour", "bg-file", "dl-matte", "dl-cutout", "dl-composite"} <= set(reached), reached
 
     shot = tmp_path / "page.png"
     assert driver.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0

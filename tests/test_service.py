@@ -124,7 +124,7 @@ def test_healthz_and_page_and_static_files(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     # every script and style the page loads comes from this server
-    assert 'src="/static/app.js"' in page.text and 'href="/static/style.css"' in page.text
+    assert 'src="static/app.js"' in page.text and 'href="static/style.css"' in page.text
     assert "http://" not in page.text and "https://" not in page.text
     for name in ("app.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
