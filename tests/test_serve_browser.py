@@ -128,8 +128,37 @@ def _downloaded(folder: Path, names: list[str]) -> dict[str, Image.Image]:
     return {n: Image.open(folder / n) for n in names}
 
 
-def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path):
+def _check_downloads(driver, folder: Path) -> None:
+    """The three download buttons, pressed from the keyboard, save the matte, the cutout and the composite."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    for button in ("dl-matte", "dl-cutout", "dl-composite"):
+        driver.find_element(By.ID, button).send_keys(Keys.ENTER)
+    files = _downloaded(folder, ["portrait_astronaut_matte.png", "portrait_astronaut_cutout.png",
+                                 "portrait_astronaut_composite.png"])
+    assert files["portrait_astronaut_matte.png"].size == (512, 512)
+    assert files["portrait_astronaut_cutout.png"].mode == "RGBA"
+    cutout = np.asarray(files["portrait_astronaut_cutout.png"])
+    matte = np.asarray(files["portrait_astronaut_matte.png"].convert("L"))
+    assert np.abs(cutout[..., 3].astype(int) - matte).max() <= 1  # the cutout's alpha is the matte
+    assert files["portrait_astronaut_composite.png"].size == (512, 512)
+
+
+def _tab_stops(driver, presses: int = 20) -> list[str]:
+    """The id (or value) of each element Tab lands on, from the top of the page."""
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0);")
+    reached = []
+    for _ in range(presses):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        reached.append(driver.execute_script("const e = document.activeElement; return e.id || e.value;"))
+    return reached
+
+
+def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -165,23 +194,8 @@ def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path)
     assert "blurred" in driver.find_element(By.ID, "result-caption").text.lower()
     assert _served(page_server.url) == served  # recomposed in the browser, no request
 
-    for button in ("dl-matte", "dl-cutout", "dl-composite"):
-        driver.find_element(By.ID, button).send_keys(Keys.ENTER)  # buttons answer the keyboard
-    files = _downloaded(downloads, ["portrait_astronaut_matte.png", "portrait_astronaut_cutout.png",
-                                    "portrait_astronaut_composite.png"])
-    assert files["portrait_astronaut_matte.png"].size == (512, 512)
-    assert files["portrait_astronaut_cutout.png"].mode == "RGBA"
-    cutout = np.asarray(files["portrait_astronaut_cutout.png"])
-    matte = np.asarray(files["portrait_astronaut_matte.png"].convert("L"))
-    assert np.abs(cutout[..., 3].astype(int) - matte).max() <= 1  # the cutout's alpha is the matte
-    assert files["portrait_astronaut_composite.png"].size == (512, 512)
-
-    # the page is usable by keyboard: Tab reaches the photo, the backgrounds and the downloads
-    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0);")
-    reached = []
-    for _ in range(20):
-        ActionChains(driver).send_keys(Keys.TAB).perform()
-        reached.append(driver.execute_script("const e = document.activeElement; return e.id || e.value;"))
+    _check_downloads(driver, downloads)
+    reached = _tab_stops(driver)  # the page is usable by keyboard: Tab reaches every control
     assert {"file", "bg-colour", "bg-file", "dl-matte", "dl-cutout", "dl-composite"} <= set(reached), reached
 
     shot = tmp_path / "page.png"
