@@ -53,6 +53,7 @@ MATTE_FIELDS = ("mode", "background", "size", "format", "url")
 REMBG_IGNORED = ("model", "a", "af", "ab", "ae", "ppm", "extras")
 REMBG_HONOURED = {"om": "true: the matte only (mode=matte)",
                   "bgc": "r,g,b[,a]: the cutout over this colour (alpha 255: opaque, as mode=composite)"}
+FORM_FIELDS = {*MATTE_FIELDS, *REMBG_IGNORED, "om", "bgc"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 # the image used to warm the model up: the size a typical upload is inferred at
 _WARMUP_IMAGE = (512, 512)
@@ -654,9 +655,22 @@ async def read_input(request: Request, service: Service) -> RequestInput:
         fields |= form
         return RequestInput(fields, files.get("file"), files.get("background"))
     if kind == "application/x-www-form-urlencoded":
-        fields |= dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        return RequestInput(fields)
+        form = _as_form(body)
+        if form is not None:
+            return RequestInput(fields | form)
     return RequestInput(fields, body or None)
+
+
+def _as_form(body: bytes) -> dict[str, str] | None:
+    """The fields of a urlencoded body, or None when it is an image sent with that type.
+
+    ``curl --data-binary @photo.jpg`` labels the photo as a form: a body counts
+    as a form only when it is ASCII and names known parameters only.
+    """
+    if not body.isascii():
+        return None
+    form = dict(urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True))
+    return form if form and set(form) <= FORM_FIELDS else None
 
 
 async def _matte(request: Request, parse: Callable[[dict[str, str]], MatteParams]) -> Response:

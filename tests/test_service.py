@@ -170,6 +170,12 @@ def test_raw_body_and_size_parameter(client):
     r2 = client.post("/api/matte?mode=matte&size=64x96", content=data)
     assert r2.status_code == 200 and r2.headers["X-Model-Size"] == "64x96"
     assert _decode(r.content).size == _decode(r2.content).size == (512, 512)
+    # curl --data-binary labels the photo as a form: it is still the photo
+    r3 = client.post("/api/matte?mode=matte&size=128", content=data,
+                     headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r3.status_code == 200 and r3.content == r.content
+    text = client.post("/api/matte", content=b"just some text", headers={"content-type": "text/plain"})
+    _assert_json_error(text, 415, "not an image")
 
 
 def _matte_of(client: httpx.Client, image: bytes, size: str = "64") -> np.ndarray:
