@@ -282,6 +282,8 @@ def test_every_refusal_is_one_json_line_with_its_status(client, server, image_ho
     cases = [
         (client.post("/api/matte", files={"file": ("big.png", bomb)}), 413, "41.0 MP"),
         (client.post("/api/matte", content=os.urandom(25_000_000)), 413, "over the limit of 20000000 bytes"),
+        # no Content-Length (chunked): counted while reading, refused at the limit
+        (client.post("/api/matte", content=iter([b"\0" * 1_000_000] * 25)), 413, "body over the limit"),
         (client.post("/api/matte", files={"file": ("notes.txt", b"just some text\n" * 50, "text/plain")}), 415,
          "not an image"),
         (client.post("/api/matte?mode=nope", files={"file": ("p.jpg", portrait)}), 422, "mode 'nope'"),
