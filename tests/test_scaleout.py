@@ -278,7 +278,8 @@ def test_an_actor_that_dies_is_replaced_and_its_batch_retried(cluster, tmp_path,
     from imaging import ShortSide
     from jobs import plan_jobs
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test module
     monkeypatch.setattr(_DiesOnce, "marker", str(tmp_path / "died"))
     monkeypatch.setattr(scaleout, "_ImageActor", _DiesOnce)
     src = tmp_path / "in"
@@ -286,7 +287,10 @@ def test_an_actor_that_dies_is_replaced_and_its_batch_retried(cluster, tmp_path,
     for i in range(3):
         Image.open(PORTRAIT).resize((64 + 16 * i, 64)).save(src / f"p{i}.jpg")
     jobs = plan_jobs([str(src)], str(tmp_path / "out"), ["matte"], "png", False).jobs
-    summary = scaleout.run_on_ray(jobs, spec=scaleout.EngineSpec(flavour_files["official"], "torch", "cpu",
-                                                                 size=ShortSide(64)), batch=2)
+    try:
+        summary = scaleout.run_on_ray(jobs, spec=scaleout.EngineSpec(flavour_files["official"], "torch", "cpu",
+                                                                     size=ShortSide(64)), batch=2)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(module)
     assert (tmp_path / "died").exists() and (summary.succeeded, summary.failed) == (3, 0)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"p{i}_matte.png" for i in range(3)]
