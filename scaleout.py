@@ -522,7 +522,7 @@ def run_on_ray(jobs: Sequence[Job], *, spec: EngineSpec, address: str | None = N
         _remove_partials(jobs)  # after the shutdown above: no worker of ours is left to write
         raise
     except Exception as exc:
-        ray_error = sys.modules["ray"].exceptions.RayError if "ray" in sys.modules else ()
+        ray_error = getattr(getattr(sys.modules.get("ray"), "exceptions", None), "RayError", ())
         if not isinstance(exc, ray_error):
             raise
         _remove_partials(jobs)
