@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -16,10 +16,12 @@ import torch
 import devices
 from convert_onnx_to_torch import Conversion, convert
 from engines import OrtEngine, TorchEngine, default_threads
-from fileio import write_image, write_json
-from imaging import Size, input_size, load_image, normalize, parse_size_spec, resize_rgb, to_uint8
+from fileio import STALE_AFTER_S, clean_stale_parts, write_image, write_json
+from imaging import Size, parse_size_spec, to_uint8
 from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, ModelSource, resolve_or_fallback
 from modnet_arch import ArchReport, count_ops
+from parity import Case, CaseResult, ParitySummary, Thresholds, list_images, plan_cases, run_case, summarize
+from parity import with_ground_truth
 from precision import MAE_THRESHOLDS, MAX_ERROR_THRESHOLD
 from report import (
     Accuracy,
@@ -30,11 +32,13 @@ from report import (
     Performance,
     Report,
     Throughput,
-    error_metrics,
     latency_stats,
 )
 from timing import interleaved
 from weight_extractor import GraphFacts, OnnxWeights, read_weights
+
+if TYPE_CHECKING:
+    from layerwise import LayerwiseReport
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE = os.path.join(HERE, "assets", "portrait_astronaut.jpg")
@@ -52,7 +56,13 @@ class Options:
     offline: bool = False
     synthetic_fallback: bool = True
     image: str = DEFAULT_IMAGE
+    images: tuple[str, ...] = ()  # parity images (files); empty: ``image`` alone
+    image_dirs: tuple[str, ...] = ()  # folders whose images join the parity run
     size: str | None = None  # auto, N (short side) or HxW; None: the file's own, else auto
+    sizes: tuple[str, ...] = ()  # several sizes for a dynamic file (each as --size)
+    alphas: str | None = None  # folder of ground-truth alpha mattes, matched by file stem
+    layerwise: bool = False  # layer-by-layer comparison (also run once when parity fails)
+    layer_threshold: float | None = None  # None: layerwise.LAYER_THRESHOLDS[precision]
     device: str = "auto"
     precision: str = "fp32"
     runs: int = 20
@@ -125,42 +135,43 @@ def step_convert(src: ModelSource, say: _Steps) -> Converted:
 @dataclass(frozen=True)
 class Analysis:
     arch: ArchReport
-    image_rgb: np.ndarray
-    size: Size  # the model input (height, width) of the parity run
+    cases: tuple[Case, ...]  # every image at every size the parity run covers
+    size: Size  # the first case's size: the benchmark's input
     static: bool
 
 
-def parity_size(facts: GraphFacts, spec: str | None, image_hw: tuple[int, int]) -> Size:
-    """The file's fixed size for a static graph, else ``spec`` (auto, N or HxW) for this image."""
+def _cases(opts: Options, facts: GraphFacts, say: _Steps) -> list[Case]:
     inp = facts.inputs[0]
-    if inp.is_static:
-        return int(inp.shape[2]), int(inp.shape[3])
-    return input_size(parse_size_spec(spec or "auto"), *image_hw)
+    fixed = (int(inp.shape[2]), int(inp.shape[3])) if inp.is_static else None
+    specs = [parse_size_spec(s) for s in (opts.sizes or ([opts.size] if opts.size else []))]
+    if fixed is not None and specs:
+        say.detail(f"note: the file's input is fixed at {fixed[0]}x{fixed[1]}; --size/--sizes apply to dynamic "
+                   "files only")
+    paths = list_images(opts.images or ([] if opts.image_dirs else [opts.image]), opts.image_dirs)
+    return plan_cases(paths, fixed=fixed, specs=specs)
 
 
 def step_analyse(opts: Options, converted: Converted, say: _Steps) -> Analysis:
     import modnet_arch
 
-    say.start("Analyse the graph and the input")
+    say.start("Analyse the graph and the inputs")
     facts = converted.facts
-    image_rgb = load_image(opts.image)
-    size = parity_size(facts, opts.size, image_rgb.shape[:2])
+    cases = _cases(opts, facts, say)
+    size = cases[0].size
     static = facts.inputs[0].is_static
-    if static and opts.size is not None:
-        say.detail(f"note: the file's input is fixed at {size[0]}x{size[1]}; --size {opts.size} applies to "
-                   "dynamic files only")
     arch = modnet_arch.analyse(converted.weights, *size, conversion=converted.conversion, facts=facts)
     say.detail(f"opset {arch.opset}, input {arch.input.name} {list(arch.input.shape)} "
                f"({'static' if static else 'dynamic'}), output {arch.output.name}")
     say.detail(f"{arch.num_weight_tensors} weight tensors, {arch.num_parameters:,} parameters, "
                f"{arch.num_convolutions} convolutions, {arch.macs / 1e9:.2f} GMAC at {size[0]}x{size[1]}")
-    return Analysis(arch, image_rgb, size, static)
+    if len(cases) > 1:
+        say.detail(f"parity on {len({c.path for c in cases})} image(s), {len(cases)} image-size case(s)")
+    return Analysis(arch, tuple(cases), size, static)
 
 
 @dataclass(frozen=True)
 class DeviceSetup:
     device: torch.device
-    settings: dict[str, str]
     environment: devices.Environment
     engine: TorchEngine
     operators: dict[str, dict[str, int]]
@@ -180,43 +191,89 @@ def step_device(opts: Options, converted: Converted, size: Size, say: _Steps) ->
 
     say.start(f"Device: {opts.device}")
     device = devices.select_device(opts.device)
-    settings = devices.prepare(device, strict_fp32=True)
+    # strict fp32 for parity, set before anything touches the device (the engine activates it again, harmlessly)
+    activation = devices.activate(device, strict_fp32=True)
     env = devices.environment(device)
     say.detail(f"{device} ({env.device_name}), precision {opts.precision}"
-               + (f", {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""))
+               + "".join(f", {k}={v}" for k, v in activation.requested.items()))
     model = converted.conversion.model if opts.model_form == "faithful" else optimize(converted.conversion.model)
     operators = _operator_counts(converted.conversion, model, opts.model_form, size)
-    engine = TorchEngine(model, device, precision=opts.precision, compile=opts.compile, graphs=opts.graphs,
-                         threads=opts.threads, log=say.detail)
+    engine = TorchEngine(model, device, precision=opts.precision, strict_fp32=True, compile=opts.compile,
+                         graphs=opts.graphs, threads=opts.threads, log=say.detail)
     say.detail(f"model form {opts.model_form} ({operators[opts.model_form]['kernels']} kernel launches per "
                f"forward); fast path: {engine.describe}")
-    return DeviceSetup(device, settings, env, engine, operators)
+    return DeviceSetup(device, env, engine, operators)
 
 
 @dataclass(frozen=True)
 class Parity:
-    x: np.ndarray  # the model input, batch 1
-    model_rgb: np.ndarray
-    ort_matte: np.ndarray
-    torch_matte: np.ndarray
+    summary: ParitySummary
     accuracy: Accuracy
+    layerwise: LayerwiseReport | None
+
+    @property
+    def x(self) -> np.ndarray:
+        """The benchmark's input: the first case's."""
+        return self.summary.results[0].x
 
 
-def step_parity(opts: Options, analysis: Analysis, dev: DeviceSetup, ort: OrtEngine, say: _Steps) -> Parity:
-    say.start(f"Parity: ONNX Runtime CPU vs PyTorch {dev.device.type} on {os.path.basename(opts.image)}")
-    model_rgb = resize_rgb(analysis.image_rgb, analysis.size)
-    x = normalize(model_rgb)[None]
-    ort_out = ort.infer(x)[0]
-    dev_out = dev.engine.infer(x)[0]
-    floats = error_metrics(ort_out, dev_out)
-    png = error_metrics(to_uint8(ort_out) / 255.0, to_uint8(dev_out) / 255.0)
-    mae_bound = opts.mae_threshold if opts.mae_threshold is not None else MAE_THRESHOLDS[opts.precision]
-    passed = floats.mae < mae_bound and floats.max_error < opts.max_threshold
-    accuracy = Accuracy(**asdict(floats), png=png, thresholds={"mae": mae_bound, "max_error": opts.max_threshold},
-                        passed=passed, precision=opts.precision, device_settings=dev.settings)
-    say.detail(f"MAE {floats.mae:.3g}, max error {floats.max_error:.3g}, PSNR {floats.psnr_db:.1f} dB -> "
-               f"{'PASS' if passed else 'FAIL'}")
-    return Parity(x, model_rgb, ort_out, dev_out, accuracy)
+def _ground_truth(results: list[CaseResult], alphas: str | None) -> list[CaseResult]:
+    if alphas is None:
+        return results
+    from matting_metrics import match_alphas
+
+    matched = match_alphas(sorted({r.case.path for r in results}), alphas)
+    return [with_ground_truth(r, str(matched[r.case.path])) for r in results]
+
+
+def _layerwise(opts: Options, src: ModelSource, dev: DeviceSetup, worst: CaseResult, say: _Steps
+               ) -> LayerwiseReport:
+    from layerwise import compare_layers
+
+    why = "asked for" if opts.layerwise else "parity failed"
+    say.detail(f"layer-by-layer comparison ({why}) on {os.path.basename(worst.case.path)} "
+               f"at {worst.case.size[0]}x{worst.case.size[1]}")
+    rep = compare_layers(src.path, dev.engine.model, worst.x, threshold=opts.layer_threshold,
+                         precision=opts.precision)
+    say.detail(f"{rep.layers_compared} layers compared; first divergence: {rep.first_divergence or 'none'}; "
+               f"worst local error: {rep.worst_local}")
+    return rep
+
+
+def _accuracy(opts: Options, summary: ParitySummary, dev: DeviceSetup, bounds: Thresholds,
+              rep: LayerwiseReport | None) -> Accuracy:
+    worst = summary.worst
+    extra: dict = {}
+    if len(summary.results) > 1 or opts.alphas:
+        extra["per_image"] = [r.entry() for r in summary.results]
+        extra["aggregate"] = summary.aggregate()
+    if rep is not None:
+        extra["layerwise"] = {"layers_compared": rep.layers_compared, "first_divergence": rep.first_divergence,
+                              "worst_local": rep.worst_local, "skipped": [name for name, _ in rep.skipped],
+                              "threshold": rep.threshold}
+    return Accuracy(**asdict(worst.floats), png=worst.png, thresholds={"mae": bounds.mae, "max_error": bounds.max_error},
+                    passed=summary.passed, precision=opts.precision,
+                    # read back after the device ran: CANN applies some options only at device start
+                    device_settings=dev.engine.device_settings().as_dict(), extra=extra)
+
+
+def step_parity(opts: Options, src: ModelSource, analysis: Analysis, dev: DeviceSetup, ort: OrtEngine,
+                say: _Steps) -> Parity:
+    first = analysis.cases[0]
+    subject = os.path.basename(first.path) if len(analysis.cases) == 1 else f"{len(analysis.cases)} cases"
+    say.start(f"Parity: ONNX Runtime CPU vs PyTorch {dev.device.type} on {subject}")
+    bounds = Thresholds(opts.mae_threshold if opts.mae_threshold is not None else MAE_THRESHOLDS[opts.precision],
+                        opts.max_threshold)
+    results = _ground_truth([run_case(c, ort, dev.engine, bounds) for c in analysis.cases], opts.alphas)
+    summary = summarize(results)
+    for r in results if len(results) > 1 else []:
+        say.detail(f"{os.path.basename(r.case.path)} @ {r.case.size[0]}x{r.case.size[1]}: MAE {r.floats.mae:.3g}, "
+                   f"max {r.floats.max_error:.3g} -> {'PASS' if r.passed else 'FAIL'}")
+    w = summary.worst.floats
+    say.detail(f"{'worst: ' if len(results) > 1 else ''}MAE {w.mae:.3g}, max error {w.max_error:.3g}, "
+               f"PSNR {w.psnr_db:.1f} dB -> {'PASS' if summary.passed else 'FAIL'}")
+    rep = _layerwise(opts, src, dev, summary.worst, say) if opts.layerwise or not summary.passed else None
+    return Parity(summary, _accuracy(opts, summary, dev, bounds, rep), rep)
 
 
 def _throughput(ort: OrtEngine, engine: TorchEngine, x: np.ndarray, batch: int, runs: int) -> Throughput:
@@ -245,6 +302,7 @@ def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarra
         ort_cpu=latency_stats(times["ort"]), torch=latency_stats(times["torch"]), device_type=dev.device.type,
         throughput=[_throughput(ort, engine, x, b, opts.runs) for b in opts.batch_sizes],
         threads=threads, model_form=opts.model_form, fast_path=engine.describe, operators=dev.operators,
+        extra={"fast_path_details": engine.fast_path_stats().as_dict()},
     )
     rss, peak_rss = devices.process_rss_mb()
     memory = Memory(devices.peak_memory_mb(dev.device), rss, peak_rss)
@@ -261,11 +319,12 @@ def step_write(opts: Options, parity: Parity, performance: Performance, size: Si
     say.start(f"Write {opts.output_dir}")
     tag = performance.device_type
     ort_ms, dev_ms = performance.ort_cpu, performance.torch
+    worst = parity.summary.worst  # the single image, or the worst of many
     files = {
-        "test_input.png": Image.fromarray(parity.model_rgb),
-        "matte_ort_cpu.png": Image.fromarray(to_uint8(parity.ort_matte)),
-        f"matte_{tag}.png": Image.fromarray(to_uint8(parity.torch_matte)),
-        "comparison.png": comparison_figure(parity.model_rgb, parity.ort_matte, parity.torch_matte, tag),
+        "test_input.png": Image.fromarray(worst.model_rgb),
+        "matte_ort_cpu.png": Image.fromarray(to_uint8(worst.ort_matte)),
+        f"matte_{tag}.png": Image.fromarray(to_uint8(worst.torch_matte)),
+        "comparison.png": comparison_figure(worst.model_rgb, worst.ort_matte, worst.torch_matte, tag),
         "benchmark.png": benchmark_figure(
             [("ORT CPU median", ort_ms.median_ms), (f"PyTorch {tag} median", dev_ms.median_ms),
              ("ORT CPU mean", ort_ms.mean_ms), (f"PyTorch {tag} mean", dev_ms.mean_ms)],
@@ -274,7 +333,14 @@ def step_write(opts: Options, parity: Parity, performance: Performance, size: Si
     }
     for name, img in files.items():
         write_image(os.path.join(opts.output_dir, name), img)
-    return sorted(list(files) + ["evaluation_report.json"])
+    written = list(files)
+    if parity.layerwise is not None:
+        from layerwise import layerwise_figure
+
+        write_json(os.path.join(opts.output_dir, "layerwise.json"), parity.layerwise.to_dict())
+        layerwise_figure(parity.layerwise, os.path.join(opts.output_dir, "layerwise.png"))
+        written += ["layerwise.json", "layerwise.png"]
+    return sorted(written + ["evaluation_report.json"])
 
 
 # --------------------------------------------------------------------------
@@ -293,10 +359,18 @@ def _model_info(src: ModelSource, arch: ArchReport, conversion: Conversion) -> M
     )
 
 
-def run(opts: Options) -> Report:
-    """Run the whole pipeline; returns the report (also written to disk)."""
+@dataclass(frozen=True)
+class Outcome:
+    report: Report
+    layerwise: LayerwiseReport | None  # when it ran: its table is printed
+
+
+def run(opts: Options) -> Outcome:
+    """Run the whole pipeline; returns the report (also written to disk) and the layerwise comparison."""
     started = time.perf_counter()
     say = _Steps(opts.log)
+    # temporaries a killed earlier run left in the output folder (older than any live one)
+    clean_stale_parts(opts.output_dir, older_than=time.time() - STALE_AFTER_S)
     devices.select_device(opts.device)  # a missing device fails now, not after the slow steps
     src = step_model(opts, say)
     converted = step_convert(src, say)
@@ -304,7 +378,7 @@ def run(opts: Options) -> Report:
     dev = step_device(opts, converted, analysis.size, say)
     try:
         ort = OrtEngine(src.path, threads=opts.threads, validate=False)  # converted in step 2
-        parity = step_parity(opts, analysis, dev, ort, say)
+        parity = step_parity(opts, src, analysis, dev, ort, say)
         performance, memory = step_benchmark(opts, dev, ort, parity.x, say)
         outputs = step_write(opts, parity, performance, analysis.size, say)
     finally:
@@ -313,7 +387,7 @@ def run(opts: Options) -> Report:
     report = Report(
         model=_model_info(src, analysis.arch, converted.conversion),
         environment=dev.environment,
-        input=InputInfo(os.path.abspath(opts.image), list(analysis.image_rgb.shape[:2]), list(analysis.size)),
+        input=_input_info(parity.summary.worst.case),
         conversion=ConversionInfo(r.num_units, r.num_folded_batchnorms, r.num_source_tensors_used,
                                   [n for n, _ in r.leftovers]),
         accuracy=parity.accuracy, performance=performance, memory=memory, outputs=outputs,
@@ -321,4 +395,8 @@ def run(opts: Options) -> Report:
         duration_s=round(time.perf_counter() - started, 2),
     )
     write_json(os.path.join(opts.output_dir, "evaluation_report.json"), report.to_dict())
-    return report
+    return Outcome(report, parity.layerwise)
+
+
+def _input_info(case: Case) -> InputInfo:
+    return InputInfo(os.path.abspath(case.path), list(case.rgb.shape[:2]), list(case.size))

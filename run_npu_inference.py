@@ -14,6 +14,7 @@ Importable for notebooks, as the seed shows::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from typing import Sequence
@@ -22,11 +23,12 @@ import devices
 from convert_onnx_to_torch import build_torch_model_from_onnx
 from errors import ModnetError
 from imaging import parse_size_spec, postprocess, preprocess
+from layerwise import compare_layers
 from pipeline import Options, banner, run
 from precision import PRECISIONS
 from report import summary_table
 
-__all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "main"]
+__all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -61,9 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never download; use the cache or the generated model")
     p.add_argument("--no-synthetic-fallback", action="store_true",
                    help="fail instead of using a generated model when the default model id cannot be downloaded")
-    p.add_argument("--image", default=d.image, help="input image for the parity run")
+    p.add_argument("--image", action="append", default=None,
+                   help=f"input image for the parity run (repeatable; default {d.image})")
+    p.add_argument("--images", action="append", default=None, metavar="DIR",
+                   help="run parity on every image of this folder too (repeatable)")
     p.add_argument("--size", default=None,
                    help="model input for dynamic graphs: auto, N (short side) or HxW; static graphs use their own")
+    p.add_argument("--sizes", default=None,
+                   help="several model inputs for dynamic graphs, comma-separated, e.g. 256,512,768x1024")
+    p.add_argument("--alphas", default=None, metavar="DIR",
+                   help="ground-truth alpha mattes matched to the images by file stem: adds MSE, MAD, SAD, gradient "
+                        "and connectivity errors of both engines")
+    p.add_argument("--layerwise", action="store_true",
+                   help="compare every layer with ONNX Runtime (always done once when parity fails); writes "
+                        "layerwise.json and layerwise.png")
+    p.add_argument("--layer-threshold", type=float, default=None,
+                   help="relative error that marks a layer's divergence (default 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
     p.add_argument("--device", default=d.device, help=devices.DEVICE_CHOICES)
     p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision, help="PyTorch-side precision")
     p.add_argument("--runs", type=_positive_int, default=d.runs, help="timed runs per engine")
@@ -89,16 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args: argparse.Namespace) -> Options:
     """Options from parsed arguments, every value checked now (before any slow step); ValueError otherwise."""
-    if args.size is not None:
-        parse_size_spec(args.size)
+    sizes = tuple(s.strip() for s in (args.sizes or "").split(",") if s.strip())
+    for spec in ([args.size] if args.size is not None else []) + list(sizes):
+        parse_size_spec(spec)
+    if args.sizes is not None and not sizes:
+        raise ValueError("--sizes needs at least one size, e.g. 256,512")
+    if args.layer_threshold is not None and not args.layer_threshold > 0:
+        raise ValueError(f"--layer-threshold must be positive, got {args.layer_threshold}")
+    if args.alphas is not None and not os.path.isdir(args.alphas):
+        raise ValueError(f"--alphas {args.alphas}: not a folder")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (all cores) or more, got {args.threads}")
     if not args.output_dir.strip():
         raise ValueError("--output-dir must not be empty")
-    given = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
-    return Options(**given, synthetic_fallback=not args.no_synthetic_fallback)
+    special = {"image", "images", "sizes"}
+    given = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name) and f.name not in special}
+    images = tuple(args.image or ())
+    return Options(**given, synthetic_fallback=not args.no_synthetic_fallback, images=images,
+                   image_dirs=tuple(args.images or ()), sizes=sizes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,20 +137,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_process(threads=opts.threads, compile_cache_dir=f"{opts.models_dir}/.compile-cache")
     try:
-        report = run(opts)
+        outcome = run(opts)
     except (ModnetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; no partial outputs were left", file=sys.stderr)
         return 130
+    report = outcome.report
     print()
     print(summary_table(report))
+    if outcome.layerwise is not None:
+        print(f"\nlayer by layer (the ten worst; first divergence: {outcome.layerwise.first_divergence or 'none'}, "
+              f"worst local error: {outcome.layerwise.worst_local}):")
+        print(outcome.layerwise.worst_table(10))
     print(f"\nwrote {', '.join(report.outputs)} to {opts.output_dir}")
     if report.model.warning:
         print(banner(report.model.warning + " (recorded in evaluation_report.json)"))
     if not report.accuracy.passed:
-        print("error: parity FAILED: PyTorch output differs from ONNX Runtime beyond the thresholds", file=sys.stderr)
+        failing = report.accuracy.extra.get("aggregate", {}).get("failing", [])
+        where = f" on {', '.join(failing)}" if failing else ""
+        print(f"error: parity FAILED{where}: PyTorch output differs from ONNX Runtime beyond the thresholds",
+              file=sys.stderr)
         return 2
     return 0
 
