@@ -217,18 +217,19 @@ def choose_backend(backend: str, device: str) -> tuple[str, str]:
 
 
 def open_engine(backend: str, onnx_path: str, *, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                compile: bool = False, graphs: str = "auto", strict_fp32: bool = False,
+                compile: bool = False, graphs: str = "auto", strict_fp32: bool = False, validate: bool = True,
                 log: Callable[[str], None] = lambda m: None) -> TorchEngine | OrtEngine:
     """An engine of kind ``backend`` (``torch`` or ``ort``) on the model file at ``onnx_path``.
 
     ``strict_fp32`` (torch): fp32 convolutions in fp32 on a 910B or CUDA, not HF32 / TF32.
+    ``validate`` (ort): check the file is a MODNet first (torch converts it, which checks anyway).
     """
     if backend == "ort":
         if device not in ("auto", "cpu"):
             raise ValueError(f"the ort backend runs on the CPU; --device {device} needs --backend torch")
         if check_precision(precision) != "fp32":
             raise ValueError(f"the ort backend runs the file as it is; --precision {precision} needs --backend torch")
-        return OrtEngine(onnx_path, threads=threads)
+        return OrtEngine(onnx_path, threads=threads, validate=validate)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from convert_onnx_to_torch import build_torch_model_from_onnx

@@ -16,11 +16,13 @@ import argparse
 import io
 import os
 import sys
+import time
 from typing import Callable, Sequence
 
 from engines import BACKEND_CHOICES
 from errors import ModnetError
-from imaging import ImageReadError, load_image, parse_color, parse_size_spec
+from fileio import STALE_AFTER_S, clean_stale_parts
+from imaging import MAX_MODEL_SIDE, ImageReadError, load_image, parse_color, parse_size_spec
 from jobs import FORMATS, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
 from matting import MODES, Matter, render
 from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, DownloadError, resolve_or_fallback
@@ -61,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model input: auto (MODNet's rule: short side to 512 when larger, sides down to multiples "
                         "of 32), N (short side to N) or HxW; a static ONNX graph on ort uses its own size "
                         "(default: auto)")
+    p.add_argument("--max-side", type=int, default=MAX_MODEL_SIDE,
+                   help=f"largest model input side in pixels, a guard against runaway memory (default: {MAX_MODEL_SIDE})")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0 = all cores)")
+    p.add_argument("--strict-fp32", action="store_true",
+                   help="torch backend: compute fp32 convolutions in full fp32. By default an Ascend 910B runs them "
+                        "in HF32 and CUDA in TF32 (faster, fine for mattes); this turns that off "
+                        "(ACL_PRECISION_MODE=must_keep_origin_dtype via torch_npu set_option, no HF32/TF32)")
     p.add_argument("--compile", action="store_true",
                    help="torch backend: compile (AOTInductor on CPU/CUDA, cached per input shape; torchair on NPU)")
     p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
@@ -102,7 +110,9 @@ def _check_args(args: argparse.Namespace, modes: list[str]) -> None:
         raise _UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (all cores) or more, got {args.threads}")
-    args.size = parse_size_spec(args.size)
+    if args.max_side < 32:
+        raise _UsageError(f"--max-side must be at least 32, got {args.max_side}")
+    args.size = parse_size_spec(args.size, max_side=args.max_side)
     if args.background != "blur" and not os.path.exists(args.background):
         looks_like_file = os.sep in args.background or os.path.splitext(args.background)[1] != ""
         if looks_like_file and not args.background.startswith("#"):
@@ -123,13 +133,18 @@ def _check_ray(address: str, stdin: bool) -> None:
         raise _UsageError(str(exc)) from None
 
 
+def _info(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where progress messages go: stderr, or nowhere with --quiet (stdout may carry a PNG)."""
+    return (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+
+
 def _open_matter(args: argparse.Namespace) -> Matter:
     from process_setup import setup_process
 
     setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     return Matter(args.model, args.backend, args.device, args.precision, args.size, args.threads, args.models_dir,
-                  args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs, log=log)
+                  args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs, log=_info(args),
+                  strict_fp32=args.strict_fp32, max_side=args.max_side)
 
 
 def _stdin_mode(matter: Matter, mode: str, background: str) -> int:
@@ -192,7 +207,11 @@ class _Bars(Progress):
 def _run_folder(run: Callable[[list[Job], Progress], RunSummary], args: argparse.Namespace, modes: list[str]) -> int:
     """Plan, skip what is done, ``run`` the rest (here or on Ray), summarise: one path for both."""
     plan = plan_jobs(args.inputs, args.output_dir, modes, args.format, args.recursive)
-    info = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    info = _info(args)
+    # hidden temporaries a killed earlier run left (older than any live one of a concurrent run)
+    removed = clean_stale_parts(args.output_dir, older_than=time.time() - STALE_AFTER_S, recursive=args.recursive)
+    if removed:
+        info(f"removed {len(removed)} stale temporary file(s) of an interrupted run from {args.output_dir}")
     for line in plan.errors:
         print(f"error: {line}", file=sys.stderr)
     if plan.excluded:
@@ -230,26 +249,29 @@ def _model_error(exc: Exception, args: argparse.Namespace) -> str:
 
 def _main_ray(args: argparse.Namespace, modes: list[str]) -> int:
     """--ray: the model resolved and the job planned here, run on the cluster (workers never download)."""
-    try:
-        import scaleout
+    import scaleout
 
-        scaleout.require_ray()
-        log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-        source = resolve_or_fallback(args.model, args.models_dir, allow_synthetic=args.allow_synthetic,
-                                     sha256=args.sha256, offline=args.offline, log=log)
-        if source.warning:
-            log(f"WARNING: {source.warning}")
-        spec = scaleout.EngineSpec(source.path, args.backend, args.device, args.precision, args.size, args.threads,
-                                   args.compile, args.graphs, args.models_dir)
-        return _run_folder(lambda todo, bars: scaleout.run_on_ray(
-            todo, spec=spec, address=args.ray, background=args.background, batch=args.batch,
-            temporal=args.temporal, progress=bars, log=log), args, modes)
-    except (ModnetError, ValueError, OSError) as exc:
-        print(f"error: {_model_error(exc, args)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; finished outputs are kept, no partial file is left", file=sys.stderr)
-        return 130
+    scaleout.require_ray()
+    log = _info(args)
+    source = resolve_or_fallback(args.model, args.models_dir, allow_synthetic=args.allow_synthetic,
+                                 sha256=args.sha256, offline=args.offline, log=log)
+    if source.warning:
+        log(f"WARNING: {source.warning}")
+    spec = scaleout.EngineSpec(source.path, args.backend, args.device, args.precision, args.size, args.threads,
+                               args.compile, args.graphs, args.models_dir, args.strict_fp32, args.max_side)
+    return _run_folder(lambda todo, bars: scaleout.run_on_ray(
+        todo, spec=spec, address=args.ray, background=args.background, batch=args.batch,
+        temporal=args.temporal, progress=bars, log=log), args, modes)
+
+
+def _main_local(args: argparse.Namespace, modes: list[str]) -> int:
+    with _open_matter(args) as matter:
+        _info(args)(f"backend {matter.engine.name} ({matter.backend_reason}): {matter.engine.description}; "
+                    f"model {matter.source.path} ({matter.source.source})")
+        if args.inputs == ["-"]:
+            return _stdin_mode(matter, modes[0], args.background)
+        return _run_folder(lambda todo, bars: run_jobs(matter, todo, background=args.background, batch=args.batch,
+                                                       temporal=args.temporal, progress=bars), args, modes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,28 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, _UsageError) else 1
-    if args.ray is not None:
-        return _main_ray(args, modes)
     try:
-        matter = _open_matter(args)
+        return _main_ray(args, modes) if args.ray is not None else _main_local(args, modes)
     except (ModnetError, ValueError, OSError) as exc:
         print(f"error: {_model_error(exc, args)}", file=sys.stderr)
         return 1
-    with matter:
-        if not args.quiet:
-            print(f"backend {matter.engine.name} ({matter.backend_reason}): {matter.engine.description}; "
-                  f"model {matter.source.path} ({matter.source.source})", file=sys.stderr)
-        try:
-            if args.inputs == ["-"]:
-                return _stdin_mode(matter, modes[0], args.background)
-            return _run_folder(lambda todo, bars: run_jobs(matter, todo, background=args.background, batch=args.batch,
-                                                           temporal=args.temporal, progress=bars), args, modes)
-        except (ModnetError, ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("error: interrupted; finished outputs are kept, no partial file is left", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print("error: interrupted; finished outputs are kept, no partial file is left", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

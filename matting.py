@@ -17,6 +17,7 @@ import numpy as np
 
 from engines import choose_backend, open_engine
 from imaging import (
+    MAX_MODEL_SIDE,
     ImageLike,
     ShortSide,
     Size,
@@ -41,9 +42,10 @@ class Matter:
 
     ``size``: ``"auto"`` (MODNet's rule), an int or :class:`imaging.ShortSide`
     (the short side), or ``(height, width)``; a static ONNX graph on ONNX Runtime
-    always takes its own size. ``allow_synthetic`` lets the default model id fall
+    always takes its own size, and no side may exceed ``max_side``. ``allow_synthetic`` lets the default model id fall
     back to the generated model when nothing can be downloaded (mattes then mean
-    nothing; for testing).
+    nothing; for testing). ``strict_fp32`` turns HF32 (Ascend) / TF32 (CUDA) off.
+    ``validate=False`` skips the model file's MODNet check (a caller that did it already).
     """
 
     def __init__(
@@ -61,6 +63,10 @@ class Matter:
         compile: bool = False,
         graphs: str = "auto",
         log: Callable[[str], None] = lambda msg: None,
+        *,
+        strict_fp32: bool = False,
+        max_side: int = MAX_MODEL_SIDE,
+        validate: bool = True,
     ) -> None:
         backend, self.backend_reason = choose_backend(backend, device)
         self.source = resolve_or_fallback(model, models_dir, allow_synthetic=allow_synthetic, sha256=sha256,
@@ -68,8 +74,9 @@ class Matter:
         if self.source.warning:
             log(f"WARNING: {self.source.warning}")
         self.engine = open_engine(backend, self.source.path, device=device, precision=precision, threads=threads,
-                                  compile=compile, graphs=graphs, log=log)
+                                  compile=compile, graphs=graphs, log=log, strict_fp32=strict_fp32, validate=validate)
         self.size: SizeSpec = ShortSide(size) if isinstance(size, int) else size
+        self.max_side = max_side
 
     @property
     def backend(self):
@@ -80,7 +87,7 @@ class Matter:
         """The input size this image is inferred at."""
         if self.engine.fixed_size is not None:
             return self.engine.fixed_size
-        return input_size(self.size, height, width)
+        return input_size(self.size, height, width, max_side=self.max_side)
 
     def infer_batch(self, images: Sequence[np.ndarray], size: Size) -> list[np.ndarray]:
         """Float mattes, at each image's own size, for uint8 RGB images all inferred at model input ``size``."""

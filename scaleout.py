@@ -75,6 +75,8 @@ class EngineSpec:
     compile: bool = False
     graphs: str = "auto"
     models_dir: str = os.path.join(ROOT, "models")
+    strict_fp32: bool = False
+    max_side: int = 4096  # imaging.MAX_MODEL_SIDE (not imported here: the driver need not load imaging)
 
 
 @dataclass(frozen=True)
@@ -359,8 +361,10 @@ class _Actor:
         from process_setup import setup_process
 
         setup_process(threads=spec.threads, compile_cache_dir=os.path.join(spec.models_dir, ".compile-cache"))
+        # the driver checked the model file before submitting: actors skip ONNX Runtime's repeat of it
         self.matter = Matter(spec.model, spec.backend, spec.device, spec.precision, spec.size, spec.threads,
-                             spec.models_dir, offline=True, compile=spec.compile, graphs=spec.graphs)
+                             spec.models_dir, offline=True, compile=spec.compile, graphs=spec.graphs,
+                             strict_fp32=spec.strict_fp32, max_side=spec.max_side, validate=False)
 
 
 class _ImageActor(_Actor):

@@ -334,7 +334,6 @@ def test_output_dir_with_stdin_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs fileio.clean_stale_parts called on the output folder in inference.py")
 def test_stale_temporaries_in_the_output_folder_are_removed(tmp_path, webnn_file):
     import os
     import time
