@@ -65,8 +65,12 @@ def browser(tmp_path):
     options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
     downloads = tmp_path / "downloads"
     downloads.mkdir()
+    # canvas downloads finish after toBlob, outside the key press's activation window on a
+    # busy machine, and Chromium then asks before a second such download: allow them, as
+    # a user answering that prompt would
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+                                              "download.prompt_for_download": False,
+                                              "profile.default_content_setting_values.automatic_downloads": 1})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT_S)
     driver.set_script_timeout(WAIT_S)
