@@ -12,6 +12,11 @@ Command line: ``python3 inference.py INPUT... -o OUTDIR [options]``; with
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
+    from process_setup import configure_openmp
+
+    configure_openmp()
+
 import argparse
 import io
 import os

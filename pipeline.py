@@ -16,7 +16,7 @@ import torch
 import devices
 from convert_onnx_to_torch import Conversion, convert
 from engines import OrtEngine, TorchEngine, default_threads
-from fileio import STALE_AFTER_S, clean_stale_parts, write_image, write_json
+from fileio import STALE_AFTER_S, clean_stale_parts, write_bytes, write_image, write_json
 from imaging import Size, parse_size_spec, to_uint8
 from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, ModelSource, resolve_or_fallback
 from modnet_arch import ArchReport, count_ops
@@ -33,8 +33,10 @@ from report import (
     Report,
     Throughput,
     latency_stats,
+    memory,
+    ort_batch_mode,
 )
-from timing import interleaved
+from timing import NoiseProbe, interleaved
 from weight_extractor import GraphFacts, OnnxWeights, read_weights
 
 if TYPE_CHECKING:
@@ -283,56 +285,72 @@ def _throughput(ort: OrtEngine, engine: TorchEngine, x: np.ndarray, batch: int, 
     engine.timed(xbt)  # a new shape may capture or compile: not timed
     times = interleaved({"torch": lambda: engine.timed(xbt), "ort": lambda: ort.run(xb)},
                         runs=max(3, runs // batch), sync=lambda: devices.synchronize(engine.device), rotate=False)
-    sequential = ort.fixed_batch is not None and ort.fixed_batch != batch
     return Throughput(batch, batch * 1000.0 / float(np.median(times["torch"])),
-                      batch * 1000.0 / float(np.median(times["ort"])), "sequential" if sequential else "batched")
+                      batch * 1000.0 / float(np.median(times["ort"])), ort_batch_mode(ort.fixed_batch, batch))
 
 
-def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarray, say: _Steps
-                   ) -> tuple[Performance, Memory]:
+@dataclass(frozen=True)
+class Benchmark:
+    performance: Performance
+    memory: Memory
+    times: dict[str, list[float]]  # every timed batch-1 run, ms: "ort" and "torch"
+
+
+def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarray, say: _Steps) -> Benchmark:
     threads = default_threads(opts.threads)
     say.start(f"Benchmark: {opts.warmup} warm-up + {opts.runs} timed runs each, interleaved, {threads} CPU thread(s)")
     engine = dev.engine
     xt = engine.to_device(x)
     sync = lambda: devices.synchronize(dev.device)  # noqa: E731
-    times = interleaved({"ort": lambda: ort.run(x), "torch": lambda: engine.runner(xt)}, runs=opts.runs,
-                        warmup=opts.warmup, sync=sync, rotate=False,
-                        after_warmup=lambda: devices.reset_peak_memory(dev.device))
+    with NoiseProbe(threads) as probe:  # how busy the machine was while we timed
+        times = interleaved({"ort": lambda: ort.run(x), "torch": lambda: engine.runner(xt)}, runs=opts.runs,
+                            warmup=opts.warmup, sync=sync, rotate=False,
+                            after_warmup=lambda: devices.reset_peak_memory(dev.device))
+        throughput = [_throughput(ort, engine, x, b, opts.runs) for b in opts.batch_sizes]
     performance = Performance(
         ort_cpu=latency_stats(times["ort"]), torch=latency_stats(times["torch"]), device_type=dev.device.type,
-        throughput=[_throughput(ort, engine, x, b, opts.runs) for b in opts.batch_sizes],
-        threads=threads, model_form=opts.model_form, fast_path=engine.describe, operators=dev.operators,
-        extra={"fast_path_details": engine.fast_path_stats().as_dict()},
+        throughput=throughput, threads=threads, model_form=opts.model_form, fast_path=engine.describe,
+        operators=dev.operators,
+        extra={"fast_path_details": engine.fast_path_stats().as_dict(), **probe.result.as_dict()},
     )
-    rss, peak_rss = devices.process_rss_mb()
-    memory = Memory(devices.peak_memory_mb(dev.device), rss, peak_rss)
+    mem = memory(devices.peak_memory_mb(dev.device), *devices.process_rss_mb())
     say.detail(f"ORT CPU median {performance.ort_cpu.median_ms:.2f} ms, PyTorch {dev.device.type} median "
-               f"{performance.torch.median_ms:.2f} ms, speed-up x{performance.speedup_median:.2f}")
-    return performance, memory
+               f"{performance.torch.median_ms:.2f} ms, speed-up x{performance.speedup_median:.2f}; "
+               f"{probe.result.describe()}")
+    return Benchmark(performance, mem, times)
 
 
-def step_write(opts: Options, parity: Parity, performance: Performance, size: Size, say: _Steps) -> list[str]:
+def step_write(opts: Options, src: ModelSource, parity: Parity, bench: Benchmark, size: Size,
+               say: _Steps) -> list[str]:
     from PIL import Image
 
-    from figures import benchmark_figure, comparison_figure
+    from figures import benchmark_chart, comparison_chart, png_bytes
 
     say.start(f"Write {opts.output_dir}")
+    performance = bench.performance
     tag = performance.device_type
-    ort_ms, dev_ms = performance.ort_cpu, performance.torch
     worst = parity.summary.worst  # the single image, or the worst of many
-    files = {
+    note = None
+    if len(parity.summary.results) > 1:
+        note = (f"shown: the worst of {len(parity.summary.results)} cases, {os.path.basename(worst.case.path)} "
+                f"at {worst.case.size[0]}x{worst.case.size[1]}")
+    images = {
         "test_input.png": Image.fromarray(worst.model_rgb),
         "matte_ort_cpu.png": Image.fromarray(to_uint8(worst.ort_matte)),
         f"matte_{tag}.png": Image.fromarray(to_uint8(worst.torch_matte)),
-        "comparison.png": comparison_figure(worst.model_rgb, worst.ort_matte, worst.torch_matte, tag),
-        "benchmark.png": benchmark_figure(
-            [("ORT CPU median", ort_ms.median_ms), (f"PyTorch {tag} median", dev_ms.median_ms),
-             ("ORT CPU mean", ort_ms.mean_ms), (f"PyTorch {tag} mean", dev_ms.mean_ms)],
-            f"MODNet {size[0]}x{size[1]}, batch 1, {opts.runs} interleaved runs",
-        ),
     }
-    for name, img in files.items():
+    for name, img in images.items():
         write_image(os.path.join(opts.output_dir, name), img)
+    charts = {
+        "comparison.png": comparison_chart(worst.model_rgb, worst.ort_matte, worst.torch_matte,
+                                           device=str(bench.performance.device_type), accuracy=parity.accuracy,
+                                           synthetic=src.source == "synthetic", note=note),
+        "benchmark.png": benchmark_chart(performance, bench.times,
+                                         f"MODNet {size[0]}x{size[1]}, batch 1, {opts.runs} interleaved runs"),
+    }
+    for name, fig in charts.items():
+        write_bytes(os.path.join(opts.output_dir, name), png_bytes(fig))
+    files = {**images, **charts}
     written = list(files)
     if parity.layerwise is not None:
         from layerwise import layerwise_figure
@@ -379,8 +397,8 @@ def run(opts: Options) -> Outcome:
     try:
         ort = OrtEngine(src.path, threads=opts.threads, validate=False)  # converted in step 2
         parity = step_parity(opts, src, analysis, dev, ort, say)
-        performance, memory = step_benchmark(opts, dev, ort, parity.x, say)
-        outputs = step_write(opts, parity, performance, analysis.size, say)
+        bench = step_benchmark(opts, dev, ort, parity.x, say)
+        outputs = step_write(opts, src, parity, bench, analysis.size, say)
     finally:
         dev.engine.close()
     r = converted.conversion.report
@@ -390,7 +408,7 @@ def run(opts: Options) -> Outcome:
         input=_input_info(parity.summary.worst.case),
         conversion=ConversionInfo(r.num_units, r.num_folded_batchnorms, r.num_source_tensors_used,
                                   [n for n, _ in r.leftovers]),
-        accuracy=parity.accuracy, performance=performance, memory=memory, outputs=outputs,
+        accuracy=parity.accuracy, performance=bench.performance, memory=bench.memory, outputs=outputs,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         duration_s=round(time.perf_counter() - started, 2),
     )

@@ -13,10 +13,15 @@ Importable for notebooks, as the seed shows::
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
+    from process_setup import configure_openmp
+
+    configure_openmp()
+
 import argparse
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Sequence
 
 import devices
@@ -135,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from process_setup import setup_process
 
-    setup_process(threads=opts.threads, compile_cache_dir=f"{opts.models_dir}/.compile-cache")
+    settings = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"))
+    opts = replace(opts, threads=settings.threads)  # the effective count (0 = the CPUs free now; clamped)
     try:
         outcome = run(opts)
     except (ModnetError, ValueError, OSError) as exc:

@@ -8,6 +8,11 @@ set-up, the listening socket and uvicorn.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
+    from process_setup import configure_openmp
+
+    configure_openmp()
+
 import argparse
 import logging
 import os
