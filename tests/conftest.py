@@ -62,3 +62,31 @@ def portrait_input() -> np.ndarray:
 @pytest.fixture(scope="session")
 def random_input() -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32)
+
+
+def make_video(path: Path, frames: int = 12, fps: int = 24, shift: int = 3) -> None:
+    """A short H.264 clip (96x64, the portrait panning by ``shift`` px a frame) with an AAC tone."""
+    import av
+
+    from PIL import Image
+
+    base = np.asarray(Image.open(PORTRAIT).resize((96, 64)))
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+        a = out.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        for i in range(frames):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.roll(base, shift * i, axis=1), format="rgb24")):
+                out.mux(p)
+        t = np.arange(int(16000 * frames / fps)) / 16000
+        tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for k in range(0, len(tone), 1024):
+            chunk = tone[k : k + 1024]
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, k
+            for p in a.encode(frame):
+                out.mux(p)
+        for s in (v, a):
+            for p in s.encode():
+                out.mux(p)

@@ -88,7 +88,7 @@ def test_allow_internal_format_is_write_only_and_readable_through_get_option():
         assert torch_npu._C._npu_getOption("ALLOW_INTERNAL_FORMAT") is None  # never set
         torch.npu.config.allow_internal_format = False
         with pytest.raises(AttributeError):
-            torch.npu.config.allow_internal_format
+            _ = torch.npu.config.allow_internal_format
         assert torch_npu._C._npu_getOption("ALLOW_INTERNAL_FORMAT") == b"disable"
         torch.npu.config.allow_internal_format = True
         assert torch_npu._C._npu_getOption("ALLOW_INTERNAL_FORMAT") == b"enable"
@@ -235,7 +235,7 @@ def test_broken_torchair_imports_then_raises_on_use():
         import torchair  # succeeds, as with the real lazy module
 
         with pytest.raises(_TorchairImportError) as info:
-            torchair.get_npu_backend
+            _ = torchair.get_npu_backend
         assert not isinstance(info.value, ImportError)
         assert isinstance(info.value, Exception)
         assert info.value.__cause__ is cause

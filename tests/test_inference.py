@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import inference
-from conftest import PORTRAIT, ROOT
+from conftest import PORTRAIT, ROOT, make_video
 from imaging import to_uint8
 
 
@@ -91,36 +91,11 @@ def test_folder_of_mixed_images_with_one_corrupt(tmp_path, webnn_file, capsys):
     assert code == 0 and "skipped" in capsys.readouterr().err
 
 
-def _make_video(path: Path, frames: int = 12, fps: int = 24) -> None:
-    import av
-
-    base = np.asarray(Image.open(PORTRAIT).resize((96, 64)))
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("libx264", rate=fps)
-        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
-        a = out.add_stream("aac", rate=16000)
-        a.layout = "mono"
-        for i in range(frames):
-            for p in v.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
-                out.mux(p)
-        t = np.arange(int(16000 * frames / fps)) / 16000
-        tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        for k in range(0, len(tone), 1024):
-            chunk = tone[k : k + 1024]
-            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, k
-            for p in a.encode(frame):
-                out.mux(p)
-        for s in (v, a):
-            for p in s.encode():
-                out.mux(p)
-
-
 def test_video_keeps_frames_rate_audio_and_alpha(tmp_path, webnn_file, capsys):
     import av
 
     clip = tmp_path / "clip.mp4"
-    _make_video(clip)
+    make_video(clip)
     out = tmp_path / "out"
     code = inference.main([str(clip), "-o", str(out), "--model", webnn_file, "--device", "cpu", "--size", "64",
                            "--mode", "matte", "--mode", "cutout", "--batch", "5", "--temporal"])

@@ -25,7 +25,7 @@ from PIL import Image
 
 import inference
 import scaleout
-from conftest import PORTRAIT, ROOT
+from conftest import PORTRAIT, ROOT, make_video
 
 # Ray Data sets its deprecated options on every copy of its context: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -142,29 +142,6 @@ def cluster():
         shutil.rmtree(short, ignore_errors=True)
 
 
-def _make_video(path: Path, frames: int = 10, fps: int = 20) -> None:
-    import av
-
-    base = np.asarray(Image.open(PORTRAIT).resize((96, 64)))
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("libx264", rate=fps)
-        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
-        a = out.add_stream("aac", rate=16000)
-        a.layout = "mono"
-        for i in range(frames):
-            for p in v.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")):
-                out.mux(p)
-        tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(16000 * frames // fps) / 16000)).astype(np.float32)
-        for k in range(0, len(tone), 1024):
-            frame = av.AudioFrame.from_ndarray(tone[None, k : k + 1024], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, k
-            for p in a.encode(frame):
-                out.mux(p)
-        for s in (v, a):
-            for p in s.encode():
-                out.mux(p)
-
-
 def _inputs(src: Path) -> None:
     """30 photos of mixed sizes (48..160 px, some sharing one), 2 corrupt files and a short video."""
     base = Image.open(PORTRAIT)
@@ -175,7 +152,7 @@ def _inputs(src: Path) -> None:
         img.save(src / (f"p{i:02d}.png" if i % 3 else f"p{i:02d}.jpg"))
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (src / "notapng.png").write_bytes(b"plain text")
-    _make_video(src / "clip.mp4")
+    make_video(src / "clip.mp4", frames=10, fps=20, shift=4)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jobs
 import video
 from conftest import ROOT
 from imaging import ImageReadError
-from test_inference import _make_video
+from conftest import make_video
 
 
 class FlatMatter:
@@ -33,7 +33,7 @@ class FlatMatter:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    _make_video(path)
+    make_video(path)
     return path
 
 
