@@ -5,7 +5,10 @@ folder, keyed by the code and library versions that produce them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
+import threading
 import sys
 from pathlib import Path
 
@@ -90,3 +93,18 @@ def make_video(path: Path, frames: int = 12, fps: int = 24, shift: int = 3) -> N
         for s in (v, a):
             for p in s.encode():
                 out.mux(p)
+
+
+@contextlib.contextmanager
+def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
+    """An HTTP server on 127.0.0.1 (a free port) serving ``handler`` on threads; always shut down."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)

@@ -5,12 +5,12 @@ import hashlib
 import http.server
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 import model_source as ms
+from conftest import loopback_http
 
 PAYLOAD = os.urandom(300_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -41,13 +41,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.hits = 0
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(_Handler) as srv:
+        srv.hits = 0
+        yield srv
 
 
 def _url(srv, name):

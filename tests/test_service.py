@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PORTRAIT
+from conftest import PORTRAIT, loopback_http
 from serve import ServerProcess
 
 REQUEST_TIMEOUT = 120.0  # per request; generous for a busy 2-core machine, but bounded
@@ -256,16 +256,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def image_host():
     """An image server on 127.0.0.1 that records what was asked of it."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with loopback_http(_Recorder) as httpd:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(10)
 
 
 def _forty_one_megapixels() -> bytes:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import http.server
 import io
-import threading
 import time
 
 import pytest
 
 import url_fetch
 from url_fetch import UrlFetchError, checked_address, fetch, parse_url, refusal
+from conftest import loopback_http
 
 # --------------------------------------------------------------------------
 # the address check, with a stubbed resolver
@@ -183,16 +183,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def local_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with loopback_http(_Handler) as server:
         yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def _get(url: str, **kw) -> url_fetch.Fetched:
