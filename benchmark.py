@@ -20,6 +20,11 @@ figures to a file as well, with paths relative to the repository.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
+    from process_setup import configure_openmp
+
+    configure_openmp()
+
 import argparse
 import contextlib
 import hashlib
@@ -248,10 +253,12 @@ BUSY_OPTIONS: dict[str, tuple[dict[str, str], int]] = {
     "default": ({"GOMP_SPINCOUNT": "300000"}, -1),  # libgomp's own default spin count
     "spin-30000": ({"GOMP_SPINCOUNT": "30000"}, -1),
     "spin-10000": ({"GOMP_SPINCOUNT": "10000"}, -1),
+    "spin-3000": ({"GOMP_SPINCOUNT": "3000"}, -1),
     "spin-1000": ({"GOMP_SPINCOUNT": "1000"}, -1),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, -1),
     "free-cpus": ({"GOMP_SPINCOUNT": "300000"}, 0),
     "free-cpus+spin-10000": ({"GOMP_SPINCOUNT": "10000"}, 0),
+    "free-cpus+spin-3000": ({"GOMP_SPINCOUNT": "3000"}, 0),
     "free-cpus+spin-1000": ({"GOMP_SPINCOUNT": "1000"}, 0),
     "1-thread": ({"GOMP_SPINCOUNT": "300000"}, 1),
 }
@@ -311,55 +318,97 @@ def _probe_in_child(option: str, model: str, image: str, runs: int, warmup: int)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def wait_until_quiet(max_wait_s: float, log=print) -> float | None:
+    """On a shared machine: wait (up to ``max_wait_s``) until other processes leave nearly all CPUs idle
+    (2-second samples); returns the idle CPUs last seen (None where unmeasurable)."""
+    from timing import idle_cpus
+
+    deadline = time.monotonic() + max_wait_s
+    idle = idle_cpus(2.0)
+    while idle is not None and idle < usable_cpus() - 0.2 and time.monotonic() < deadline:
+        idle = idle_cpus(2.0)
+    if idle is not None and idle < usable_cpus() - 0.2:
+        log(f"  still busy after {max_wait_s:.0f} s ({idle:.1f} CPUs idle): measuring anyway")
+    return idle
+
+
+def _busy_block(options: Sequence[str], busy: bool, r: int, model: str, image: str, runs: int, warmup: int,
+                idle: float | None, log) -> list[dict]:
+    """Every option once, in its own process, with or without the busy process beside it."""
+    out = []
+    with busy_process(busy):
+        for option in options:
+            res = _probe_in_child(option, model, image, runs, warmup)
+            res |= {"option": option, "busy": busy, "round": r, "idle_cpus_before": idle,
+                    "ort_median_ms": statistics.median(res["ort_ms"]),
+                    "torch_median_ms": statistics.median(res["torch_ms"])}
+            out.append(res)
+            log(f"  round {r + 1} {'busy ' if busy else 'quiet'} {option}: {res['threads']} thread(s), "
+                f"ORT {res['ort_median_ms']:.0f} ms, PyTorch {res['torch_median_ms']:.0f} ms"
+                f" (others used {res['noise']['other_cpu_load']} CPUs)")
+    return out
+
+
 def suite_busy(model: str, image: str, options: Sequence[str], rounds: int, runs: int, warmup: int,
-               log=print) -> dict:
-    """Each option's pipeline timing, quiet and beside a busy process, ``rounds`` times, in rotating order."""
-    unknown = [o for o in options if o not in BUSY_OPTIONS]
-    if unknown:
-        raise ValueError(f"unknown busy option(s) {', '.join(unknown)}; choose from {', '.join(BUSY_OPTIONS)}")
-    runs_out = []
+               loads: Sequence[str] = ("quiet", "busy"), wait_quiet_s: float = 0.0, log=print) -> dict:
+    """Each option's pipeline timing, quiet and beside a busy process (``loads``), ``rounds`` times, in
+    rotating order; ``wait_quiet_s``: before each block, wait up to that long for the machine's other work
+    to stop (a shared machine's "quiet" is otherwise not quiet)."""
+    unknown = [o for o in options if o not in BUSY_OPTIONS] + [x for x in loads if x not in ("quiet", "busy")]
+    if unknown or not loads:
+        raise ValueError(f"unknown busy option(s) or loads {', '.join(unknown)}; choose from "
+                         f"{', '.join(BUSY_OPTIONS)}; loads quiet, busy")
+    runs_out: list[dict] = []
+    flags = [x == "busy" for x in loads]
     for r in range(rounds):
         order = list(options[r % len(options):]) + list(options[: r % len(options)])
-        for busy in ((False, True) if r % 2 == 0 else (True, False)):
-            with busy_process(busy):
-                for option in order:
-                    res = _probe_in_child(option, model, image, runs, warmup)
-                    res |= {"option": option, "busy": busy, "round": r,
-                            "ort_median_ms": statistics.median(res["ort_ms"]),
-                            "torch_median_ms": statistics.median(res["torch_ms"])}
-                    runs_out.append(res)
-                    log(f"  round {r + 1} {'busy ' if busy else 'quiet'} {option}: {res['threads']} thread(s), "
-                        f"ORT {res['ort_median_ms']:.0f} ms, PyTorch {res['torch_median_ms']:.0f} ms"
-                        f" (others used {res['noise']['other_cpu_load']} CPUs)")
+        for busy in (flags if r % 2 == 0 else flags[::-1]):
+            idle = wait_until_quiet(wait_quiet_s, log) if wait_quiet_s > 0 else None
+            runs_out += _busy_block(order, busy, r, model, image, runs, warmup, idle, log)
     return {"suite": "busy", "model": repo_relative(model), "model_sha256": _sha256(model),
             "options": {o: {"env": BUSY_OPTIONS[o][0], "threads": BUSY_OPTIONS[o][1]} for o in options},
-            "summary": _busy_summary(runs_out, options), "runs": runs_out}
+            "summary": _busy_summary(runs_out, options, loads), "runs": runs_out}
 
 
-def _busy_summary(runs: list[dict], options: Sequence[str]) -> dict:
-    """Per option and load: the median over rounds of each process's medians, and PyTorch / ORT."""
+def _clean(runs: list[dict], busy: bool) -> list[dict]:
+    """The runs a summary trusts: quiet ones that other work did not disturb (NoiseProbe: not noisy);
+    busy ones where the others' CPU use was our busy process's alone (0.6 to 1.3 CPUs: a spinning
+    PyTorch takes some from it). All of them when none qualifies."""
+    ok = [r for r in runs if (0.6 <= (r["noise"]["other_cpu_load"] or 0) <= 1.3 if busy else not r["noise"]["noisy"])]
+    return ok or runs
+
+
+def _busy_summary(runs: list[dict], options: Sequence[str], loads: Sequence[str]) -> dict:
+    """Per option and load: the median over rounds of each process's medians (trusted runs, see
+    :func:`_clean`), and PyTorch / ORT."""
     out: dict[str, dict] = {}
     for option in options:
         out[option] = {}
-        for load in ("quiet", "busy"):
-            mine = [r for r in runs if r["option"] == option and r["busy"] == (load == "busy")]
+        for load in loads:
+            every = [r for r in runs if r["option"] == option and r["busy"] == (load == "busy")]
+            mine = _clean(every, load == "busy")
             ort = statistics.median(r["ort_median_ms"] for r in mine)
             torch_ms = statistics.median(r["torch_median_ms"] for r in mine)
             out[option][load] = {"ort_median_ms": round(ort, 1), "torch_median_ms": round(torch_ms, 1),
                                  "torch_over_ort": round(torch_ms / ort, 2),
+                                 "torch_range_ms": [round(min(r["torch_median_ms"] for r in mine), 1),
+                                                    round(max(r["torch_median_ms"] for r in mine), 1)],
                                  "threads": sorted({r["threads"] for r in mine}),
-                                 "noisy_runs": sum(bool(r["noise"]["noisy"]) for r in mine)}
+                                 "runs_used": len(mine), "runs_left_out": len(every) - len(mine)}
     return out
 
 
 def format_busy(result: dict) -> str:
-    lines = ["| option | quiet ORT | quiet PyTorch | busy ORT | busy PyTorch | busy PyTorch/ORT | threads q/b |",
-             "|---|---|---|---|---|---|---|"]
+    loads = list(next(iter(result["summary"].values())))
+    head = "| option | " + " | ".join(f"{x} ORT | {x} PyTorch | {x} PyTorch/ORT | {x} threads" for x in loads) + " |"
+    lines = [head, "|---|" + "---|---|---|---|" * len(loads)]
     for option, s in result["summary"].items():
-        q, b = s["quiet"], s["busy"]
-        lines.append(f"| {option} | {q['ort_median_ms']:.0f} ms | {q['torch_median_ms']:.0f} ms | "
-                     f"{b['ort_median_ms']:.0f} ms | {b['torch_median_ms']:.0f} ms | x{b['torch_over_ort']:.2f} | "
-                     f"{q['threads']}/{b['threads']} |")
+        cells = [f"{s[x]['ort_median_ms']:.0f} ms | {s[x]['torch_median_ms']:.0f} ms "
+                 f"({s[x]['torch_range_ms'][0]:.0f}-{s[x]['torch_range_ms'][1]:.0f}) | x{s[x]['torch_over_ort']:.2f} | "
+                 f"{s[x]['threads']}" + (f" ({s[x]['runs_left_out']} disturbed runs left out)"
+                                         if s[x]["runs_left_out"] else "")
+                 for x in loads]
+        lines.append(f"| {option} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -389,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs", choices=("on", "off"), default="on", help="engines suite: graph capture on accelerators")
     p.add_argument("--options", default=",".join(BUSY_OPTIONS), help="busy suite: CPU set-ups compared")
     p.add_argument("--busy-rounds", type=int, default=3, help="busy suite: quiet/busy rounds over all options")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="busy suite: before each block wait up to this many seconds for other work to stop")
+    p.add_argument("--loads", default="quiet,busy", help="busy suite: quiet (nothing added), busy (a CPU-bound "
+                   "process beside)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for every engine (0 = the CPUs free now; more than the CPUs is clamped)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -423,8 +476,9 @@ def _suite(args: argparse.Namespace, model: str) -> tuple[dict, str]:
         result = suite_engines(model, args.image, ints(args.sizes), ints(args.batches), args.rounds, args.warmup,
                                args.threads, args.device, not args.no_compile, args.graphs)
         return result, format_engines(result)
-    result = suite_busy(model, args.image, [o.strip() for o in args.options.split(",") if o.strip()],
-                        args.busy_rounds, args.rounds, args.warmup)
+    names = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
+    result = suite_busy(model, args.image, names(args.options), args.busy_rounds, args.rounds, args.warmup,
+                        names(args.loads), args.wait_quiet)
     return result, format_busy(result)
 
 
