@@ -21,14 +21,17 @@ from timing import idle_cpus, usable_cpus
 # default (89 MP, error at twice that) refuses large but real camera files.
 MAX_IMAGE_PIXELS = 200_000_000
 
-# How long an idle OpenMP thread spins at a barrier before it sleeps (libgomp's
-# unit: spin-loop iterations; its default is 300000, about a millisecond or more).
-# PyTorch's CPU forward of MODNet passes ~250 barriers; on a machine where another
-# process holds a core, each one waits on a thread that is not running while its
-# partner spins, and the forward took x6 (113 -> 691 ms, issue #13). Bounded, the
-# waiting thread yields its core soon. Measured in benchmarks/busy_machine_2core.json
-# (benchmark.py busy); see README "A busy machine".
-GOMP_SPINCOUNT = 10_000
+# How long an idle OpenMP thread spins at a barrier before it sleeps, in libgomp's
+# spin-loop turns: about 25 ns each here, so its default of 300000 is ~7 ms, a whole
+# scheduler time slice. PyTorch's CPU forward of MODNet passes ~250 barriers; when
+# another process holds a core, the spinning thread keeps its core while its partner
+# waits for a turn on the other, at every barrier (issue #13: 113 -> 691 ms). 1000 is
+# what libgomp itself uses when it knows its threads outnumber the CPUs. Measured with
+# `benchmark.py busy` (benchmarks/busy_machine_2core.json: 2 cores, 256x256, 2 threads,
+# medians of 8 fresh processes): PyTorch 75 ms quiet and 249 ms (169-286) beside one
+# busy process with libgomp's default; 74 and 149 ms with 1000; 71 and 187 ms with 3000;
+# 88 and 131 ms with OMP_WAIT_POLICY=PASSIVE (ONNX Runtime 50 ms quiet, ~80-95 busy).
+GOMP_SPINCOUNT = 1000
 
 _ALLOCATOR_TUNED = False
 
@@ -62,8 +65,10 @@ def configure_openmp(spincount: int = GOMP_SPINCOUNT) -> dict[str, str]:
 def free_cpus(interval_s: float = 0.3) -> int:
     """The CPUs of this process that other processes leave free, sampled over ``interval_s`` (at least 1).
 
-    From ``/proc/stat`` on the process's own CPUs (a CPU counts when at least half
-    of it was idle, summed over CPUs); elsewhere the 1-minute load average.
+    From ``/proc/stat`` on the process's own CPUs (idle CPU time summed over them,
+    rounded: 1.5 idle CPUs count as 2); elsewhere the 1-minute load average. With
+    one busy process on two cores this gives 1 thread: PyTorch 124 ms against 263 ms
+    with two (benchmark.py busy); on a quiet machine, every CPU.
     """
     n = usable_cpus()
     idle = idle_cpus(interval_s)
