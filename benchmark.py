@@ -12,6 +12,11 @@ Suites:
   PyTorch model, the generated model's 256x256) on a quiet machine and beside a
   busy process, under each CPU set-up of ``--options`` (OpenMP's spin-waiting,
   thread count), each in a fresh process (OpenMP reads its settings once).
+* ``serve`` — the matting service (``serve.py``) under 1, 4 and 8 concurrent clients,
+  batching on and off side by side (``bench_serve.py``): requests/s, p50/p99 latency,
+  requests per forward pass.
+* ``ray`` — the local image path against ``inference.py --ray`` with 1 and 2 CPU
+  actors (``bench_ray.py``): images/s, Ray's start-up and steady rate.
 
 Every suite alternates its contenders round by round, so the drift of a noisy
 machine hits all of them alike, reports medians and ratios, and says whether
@@ -420,15 +425,15 @@ def format_busy(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("suite", choices=["batch", "engines", "busy", "probe"],
+    p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "probe"],
                    help="what to measure (probe: one process of the busy suite)")
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")
     p.add_argument("--models-dir", default=os.path.join(ROOT, "models"))
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the picture benchmarked")
-    p.add_argument("--count", type=int, default=16, help="batch suite: images in the folder")
+    p.add_argument("--count", type=int, default=16, help="batch and ray suites: images in the folder")
     p.add_argument("--batch", type=int, default=8, help="batch suite: the batch compared with 1")
-    p.add_argument("--size", type=int, default=512, help="batch suite: model input short side")
-    p.add_argument("--backend", default="torch", help="batch suite: inference backend")
+    p.add_argument("--size", type=int, default=512, help="batch, serve and ray suites: model input short side")
+    p.add_argument("--backend", default="torch", help="batch, serve and ray suites: inference backend")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (timed runs per engine)")
     p.add_argument("--warmup", type=int, default=2, help="engines and busy suites: untimed runs per engine")
     p.add_argument("--sizes", default="256,512", help="engines suite: square input sizes")
@@ -444,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "process beside)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for every engine (0 = the CPUs free now; more than the CPUs is clamped)")
+    p.add_argument("--clients", default="1,4,8", help="serve suite: concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=4, help="serve suite: requests per client per round")
+    p.add_argument("--window-ms", type=float, default=5.0, help="serve suite: the batching server's --batch-window-ms")
     p.add_argument("--json", default=None, help="also write the results here")
     return p
 
@@ -476,6 +484,20 @@ def _suite(args: argparse.Namespace, model: str) -> tuple[dict, str]:
         result = suite_engines(model, args.image, ints(args.sizes), ints(args.batches), args.rounds, args.warmup,
                                args.threads, args.device, not args.no_compile, args.graphs)
         return result, format_engines(result)
+    if args.suite == "serve":
+        from bench_serve import format_serve, suite_serve
+
+        result = suite_serve(model, args.image, clients=ints(args.clients), requests_per_client=args.requests,
+                             rounds=args.rounds, size=str(args.size), threads=args.threads, backend=args.backend,
+                             device=args.device, window_ms=args.window_ms)
+        return result, format_serve(result)
+    if args.suite == "ray":
+        from bench_ray import format_ray, suite_ray
+
+        # threads stay 0: the actors split the cores among themselves
+        result = suite_ray(model, args.image, count=args.count, size=args.size, backend=args.backend,
+                           rounds=args.rounds)
+        return result, format_ray(result)
     names = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     result = suite_busy(model, args.image, names(args.options), args.busy_rounds, args.rounds, args.warmup,
                         names(args.loads), args.wait_quiet)
@@ -483,7 +505,7 @@ def _suite(args: argparse.Namespace, model: str) -> tuple[dict, str]:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    model, source = _model_path(args.model, args.models_dir, dynamic=args.suite == "engines")
+    model, source = _model_path(args.model, args.models_dir, dynamic=args.suite in ("engines", "ray"))
     if args.suite == "probe":  # one process of the busy suite: its figures as one JSON line
         print(json.dumps(probe_pipeline_timing(model, args.image, args.rounds, args.warmup, args.threads)))
         return 0

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: auto)")
     p.add_argument("--max-side", type=int, default=MAX_MODEL_SIDE,
                    help=f"largest model input side in pixels, a guard against runaway memory (default: {MAX_MODEL_SIDE})")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0 = the CPUs other processes leave free at the start)")
     p.add_argument("--strict-fp32", action="store_true",
                    help="torch backend: compute fp32 convolutions in full fp32. By default an Ascend 910B runs them "
                         "in HF32 and CUDA in TF32 (faster, fine for mattes); this turns that off "
@@ -146,8 +146,8 @@ def _info(args: argparse.Namespace) -> Callable[[str], None]:
 def _open_matter(args: argparse.Namespace) -> Matter:
     from process_setup import setup_process
 
-    setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
-    return Matter(args.model, args.backend, args.device, args.precision, args.size, args.threads, args.models_dir,
+    settings = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
+    return Matter(args.model, args.backend, args.device, args.precision, args.size, settings.threads, args.models_dir,
                   args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs, log=_info(args),
                   strict_fp32=args.strict_fp32, max_side=args.max_side)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
@@ -15,7 +15,7 @@ import torch
 
 import devices
 from convert_onnx_to_torch import Conversion, convert
-from engines import OrtEngine, TorchEngine, default_threads
+from engines import OrtEngine, TorchEngine
 from fileio import STALE_AFTER_S, clean_stale_parts, write_bytes, write_image, write_json
 from imaging import Size, parse_size_spec, to_uint8
 from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, ModelSource, resolve_or_fallback
@@ -23,6 +23,7 @@ from modnet_arch import ArchReport, count_ops
 from parity import Case, CaseResult, ParitySummary, Thresholds, list_images, plan_cases, run_case, summarize
 from parity import with_ground_truth
 from precision import MAE_THRESHOLDS, MAX_ERROR_THRESHOLD
+from process_setup import effective_threads
 from report import (
     Accuracy,
     ConversionInfo,
@@ -297,7 +298,7 @@ class Benchmark:
 
 
 def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarray, say: _Steps) -> Benchmark:
-    threads = default_threads(opts.threads)
+    threads = opts.threads  # the effective count: run() resolved it
     say.start(f"Benchmark: {opts.warmup} warm-up + {opts.runs} timed runs each, interleaved, {threads} CPU thread(s)")
     engine = dev.engine
     xt = engine.to_device(x)
@@ -386,6 +387,7 @@ class Outcome:
 def run(opts: Options) -> Outcome:
     """Run the whole pipeline; returns the report (also written to disk) and the layerwise comparison."""
     started = time.perf_counter()
+    opts = replace(opts, threads=effective_threads(opts.threads))  # 0: the CPUs free now; never above the CPUs
     say = _Steps(opts.log)
     # temporaries a killed earlier run left in the output folder (older than any live one)
     clean_stale_parts(opts.output_dir, older_than=time.time() - STALE_AFTER_S)
