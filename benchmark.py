@@ -47,6 +47,7 @@ import numpy as np
 
 from fileio import write_json
 from timing import NoiseProbe, usable_cpus
+from cli import HelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE = os.path.join(ROOT, "assets", "portrait_astronaut.jpg")
@@ -424,7 +425,7 @@ def format_busy(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "probe"],
                    help="what to measure (probe: one process of the busy suite)")
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")

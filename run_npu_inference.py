@@ -32,6 +32,7 @@ from layerwise import compare_layers
 from pipeline import Options, banner, run
 from precision import PRECISIONS
 from report import summary_table
+from cli import HelpFormatter
 
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = Options()
     p = argparse.ArgumentParser(
         description="Convert MODNet ONNX to PyTorch, verify it against ONNX Runtime, benchmark, and report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=d.model, help="local .onnx path, http(s) URL, or model id")
     p.add_argument("--sha256", default=None, help="expected sha256 of the model file (known for the default id)")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_positive_int, default=d.runs, help="timed runs per engine")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up runs per engine")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=d.batch_sizes, help="throughput batch sizes, e.g. 1,8")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for both engines (0 = all cores)")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for both engines (0 = the CPUs other processes leave free at the start; clamped to the CPUs)")
     p.add_argument("--model-form", choices=("optimized", "faithful"), default=d.model_form,
                    help="PyTorch model measured: the inference form (BatchNorms folded, fewer launches) or the "
                         "module-for-module port")

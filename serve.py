@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR
+from cli import HelpFormatter
 
 BACKEND_CHOICES = ("auto", "torch", "ort")  # engines.BACKEND_CHOICES, without importing torch before set-up
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
@@ -72,7 +73,7 @@ def _megabytes(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="MODNet portrait matting over HTTP: a web page and an API "
                                             "(rembg-compatible routes included), batched across requests.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_number(int, 0), default=7000, help="port (0: any free one, printed at start)")
     e = p.add_argument_group("engine (as inference.py)")
