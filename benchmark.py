@@ -163,8 +163,10 @@ def _contenders(session, in_name: str, batch_dim, models: dict, x: np.ndarray, d
     fa, op = models["faithful"].to(device), models["optimized"].to(device)
     engines["torch_faithful"] = lambda: fa(xt)
     engines["torch_optimized"] = lambda: op(xt)
+    captured = None
     if device.type != "cpu" and graphs != "off":
-        captured = make_runner(op, device, graphs="on")
+        # auto: a failed capture runs eagerly and is counted, so the row can be dropped honestly
+        captured = make_runner(op, device, graphs="auto", log=log)
         engines["torch_graphs"] = lambda: captured(xt)
     compile_s = None
     if compile:
@@ -175,7 +177,18 @@ def _contenders(session, in_name: str, batch_dim, models: dict, x: np.ndarray, d
         devices.synchronize(device)
         compile_s = time.perf_counter() - start
         engines["torch_compiled"] = lambda: compiled(xt)
-    return engines, compile_s
+    return engines, compile_s, captured
+
+
+def _drop_uncaptured(times: dict, captured, where: str, log) -> str | None:
+    """Remove the graph row when nothing was captured (it timed eager code); the note says why."""
+    if captured is None or captured.stats().captures:
+        return None
+    s = captured.stats()
+    times.pop("torch_graphs", None)
+    why = s.capture_blocked or "; ".join(sorted(set(s.capture_failures.values()))) or "no shape was seen twice"
+    log(f"  {where}: graph row dropped, nothing was captured ({why})")
+    return f"graph row dropped: nothing was captured ({why})"
 
 
 def _engines_row(size: int, batch: int, runs: int, times: dict, compile_s, ops: dict, noise: dict) -> dict:
@@ -207,10 +220,10 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
     from timing import interleaved
 
     device = devices.select_device(device_spec)
-    devices.prepare(device)
+    devices.activate(device, strict_fp32=True)
+    faithful = convert(model).model  # first: checks the file (external data too) before ONNX Runtime reads it
     session = ort_session(model, threads)
     in_name, batch_dim = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-    faithful = convert(model).model
     models = {"faithful": faithful, "optimized": optimize(faithful)}
     rgb = load_image(image)
     results = []
@@ -219,11 +232,12 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
         ops = {name: dict(zip(("total", "kernels"), count_ops(m, torch.from_numpy(x1))[:2], strict=True))
                for name, m in models.items()}
         for batch in batches:
-            engines, compile_s = _contenders(session, in_name, batch_dim, models, np.repeat(x1, batch, axis=0),
+            engines, compile_s, captured = _contenders(session, in_name, batch_dim, models, np.repeat(x1, batch, axis=0),
                                              device, graphs, compile, log)
             with torch.inference_mode(), NoiseProbe(threads) as probe:
                 times = interleaved(engines, runs=runs, warmup=warmup, sync=lambda: devices.synchronize(device))
-            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.as_dict())
+            note = _drop_uncaptured(times, captured, f"{size}x{size} batch {batch}", log)
+            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.as_dict()) | {"note": note}
             results.append(row)
             ref = row["median_ms"].get("ort_cpu")
             log(f"  {size}x{size} batch {batch}: " + ", ".join(

@@ -51,3 +51,22 @@ def test_repo_relative_paths():
     assert benchmark.repo_relative(os.path.join(benchmark.ROOT, "models", "m.onnx")) == os.path.join("models",
                                                                                                       "m.onnx")
     assert benchmark.repo_relative("/elsewhere/m.onnx") == "m.onnx"
+
+
+def test_graph_row_is_dropped_when_nothing_was_captured():
+    from acceleration import FastPathStats
+
+    class Runner:
+        def __init__(self, captures, failures):
+            self.s = FastPathStats(pieces=("graph capture",), describe="graph capture", captures=captures, replays=0,
+                                   capture_failures=failures, capture_blocked=None, compiled_now=0,
+                                   compiled_from_cache=0)
+
+        def stats(self):
+            return self.s
+
+    times = {"torch_optimized": [1.0], "torch_graphs": [1.0]}
+    note = benchmark._drop_uncaptured(times, Runner(0, {"(1, 3, 256, 256) float32": "aclop"}), "256x256", print)
+    assert "torch_graphs" not in times and "aclop" in note
+    kept = {"torch_graphs": [1.0]}
+    assert benchmark._drop_uncaptured(kept, Runner(1, {}), "256x256", print) is None and "torch_graphs" in kept
