@@ -26,7 +26,7 @@ figures to a file as well, with paths relative to the repository.
 from __future__ import annotations
 
 if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
-    from process_setup import configure_openmp
+    from modnet_npu.runtime.process_setup import configure_openmp
 
     configure_openmp()
 
@@ -45,9 +45,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from fileio import write_json
-from timing import NoiseProbe, usable_cpus
-from cli import HelpFormatter
+from modnet_npu.fileio import write_json
+from modnet_npu.proof.timing import NoiseProbe, usable_cpus
+from modnet_npu.cli import HelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE = os.path.join(ROOT, "assets", "portrait_astronaut.jpg")
@@ -72,14 +72,14 @@ def _sha256(path: str) -> str:
 def _model_path(spec: str | None, models_dir: str, dynamic: bool = False) -> tuple[str, str]:
     """The model benchmarked: ``spec`` (offline), else a generated one; ``dynamic``
     asks for dynamic axes so ONNX Runtime can take other sizes and batches."""
-    from model_source import resolve_model, synthetic_fallback
+    from modnet_npu.source.resolve import resolve_model, synthetic_fallback
 
     if spec:
         src = resolve_model(spec, models_dir, offline=True)
         return src.path, src.source
     if not dynamic:
         return synthetic_fallback(models_dir).path, "synthetic"
-    import synthetic_model
+    from modnet_npu.source import synthetic as synthetic_model
 
     path = os.path.join(models_dir, "synthetic", "modnet_official.onnx")
     if not os.path.exists(path):
@@ -109,8 +109,8 @@ def _image_folder(image: str, folder: str, count: int) -> None:
 def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, size: int, threads: int,
                 backend: str, log=print) -> dict:
     """Per-image time of inference.py's image path at batch 1 and at ``batch``."""
-    from jobs import plan_jobs, process_image_batch
-    from matting import Matter
+    from modnet_npu.matting.jobs import plan_jobs, process_image_batch
+    from modnet_npu.matting.matter import Matter
 
     matter = Matter(model, backend=backend, device="cpu", size=size, threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,8 +150,8 @@ def _contenders(session, in_name: str, batch_dim, models: dict, x: np.ndarray, d
     """What is timed at one size and batch (each callable bound to its own input), and the compile time."""
     import torch
 
-    import devices
-    from acceleration import compile_model, make_runner
+    from modnet_npu.runtime import devices
+    from modnet_npu.runtime.acceleration import compile_model, make_runner
 
     batch = x.shape[0]
     xt = torch.from_numpy(x).to(device)
@@ -211,13 +211,13 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
     """Interleaved medians of ONNX Runtime and the PyTorch forms; ratios to ONNX Runtime."""
     import torch
 
-    import devices
-    from convert_onnx_to_torch import convert
-    from engines import ort_session
-    from imaging import load_image, normalize, resize_rgb
-    from inference_form import optimize
-    from modnet_arch import count_ops
-    from timing import interleaved
+    from modnet_npu.runtime import devices
+    from modnet_npu.conversion.convert import convert
+    from modnet_npu.runtime.engines import ort_session
+    from modnet_npu.matting.imaging import load_image, normalize, resize_rgb
+    from modnet_npu.model.optimized import optimize
+    from modnet_npu.graph.analysis import count_ops
+    from modnet_npu.proof.timing import interleaved
 
     device = devices.select_device(device_spec)
     devices.activate(device, strict_fp32=True)
@@ -288,11 +288,11 @@ def probe_pipeline_timing(model: str, image: str, runs: int, warmup: int, thread
     """The pipeline's batch-1 timing in this process: ONNX Runtime and the optimized PyTorch model, interleaved."""
     import torch
 
-    from convert_onnx_to_torch import convert
-    from engines import OrtEngine, TorchEngine
-    from imaging import load_image, normalize, resize_rgb
-    from inference_form import optimize
-    from timing import interleaved
+    from modnet_npu.conversion.convert import convert
+    from modnet_npu.runtime.engines import OrtEngine, TorchEngine
+    from modnet_npu.matting.imaging import load_image, normalize, resize_rgb
+    from modnet_npu.model.optimized import optimize
+    from modnet_npu.proof.timing import interleaved
 
     ort = OrtEngine(model, threads=threads, validate=False)
     size = ort.fixed_size or (256, 256)
@@ -341,7 +341,7 @@ def _probe_in_child(option: str, model: str, image: str, runs: int, warmup: int)
 def wait_until_quiet(max_wait_s: float, log=print) -> float | None:
     """On a shared machine: wait (up to ``max_wait_s``) until other processes leave nearly all CPUs idle
     (2-second samples); returns the idle CPUs last seen (None where unmeasurable)."""
-    from timing import idle_cpus
+    from modnet_npu.proof.timing import idle_cpus
 
     deadline = time.monotonic() + max_wait_s
     idle = idle_cpus(2.0)
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from process_setup import setup_process
+    from modnet_npu.runtime.process_setup import setup_process
 
     # before any torch import here: bounds OpenMP's spin-waiting (a no-op when torch is already loaded)
     settings = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
@@ -500,14 +500,14 @@ def _suite(args: argparse.Namespace, model: str) -> tuple[dict, str]:
                                args.threads, args.device, not args.no_compile, args.graphs)
         return result, format_engines(result)
     if args.suite == "serve":
-        from bench_serve import format_serve, suite_serve
+        from modnet_npu.bench.serve_suite import format_serve, suite_serve
 
         result = suite_serve(model, args.image, clients=ints(args.clients), requests_per_client=args.requests,
                              rounds=args.rounds, size=str(args.size), threads=args.threads, backend=args.backend,
                              device=args.device, window_ms=args.window_ms)
         return result, format_serve(result)
     if args.suite == "ray":
-        from bench_ray import format_ray, suite_ray
+        from modnet_npu.bench.ray_suite import format_ray, suite_ray
 
         # threads stay 0: the actors split the cores among themselves
         result = suite_ray(model, args.image, count=args.count, size=args.size, backend=args.backend,

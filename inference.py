@@ -13,7 +13,7 @@ Command line: ``python3 inference.py INPUT... -o OUTDIR [options]``; with
 from __future__ import annotations
 
 if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
-    from process_setup import configure_openmp
+    from modnet_npu.runtime.process_setup import configure_openmp
 
     configure_openmp()
 
@@ -24,14 +24,14 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from engines import BACKEND_CHOICES
-from errors import ModnetError
-from fileio import STALE_AFTER_S, clean_stale_parts
-from imaging import MAX_MODEL_SIDE, ImageReadError, load_image, parse_color, parse_size_spec
-from jobs import FORMATS, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
-from matting import MODES, Matter, render
-from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, DownloadError, resolve_or_fallback
-from precision import PRECISIONS
+from modnet_npu.runtime.engines import BACKEND_CHOICES
+from modnet_npu.errors import ModnetError
+from modnet_npu.fileio import STALE_AFTER_S, clean_stale_parts
+from modnet_npu.matting.imaging import MAX_MODEL_SIDE, ImageReadError, load_image, parse_color, parse_size_spec
+from modnet_npu.matting.jobs import FORMATS, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
+from modnet_npu.matting.matter import MODES, Matter, render
+from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, DownloadError, resolve_or_fallback
+from modnet_npu.model.precision import PRECISIONS
 
 __all__ = ["Matter", "main"]
 
@@ -126,7 +126,7 @@ def _check_args(args: argparse.Namespace, modes: list[str]) -> None:
 
 
 def _check_ray(address: str, stdin: bool) -> None:
-    from scaleout import check_address
+    from modnet_npu.matting.scaleout import check_address
 
     if stdin:
         raise _UsageError("--ray runs files and folders; - (stdin) runs here, without --ray")
@@ -144,7 +144,7 @@ def _info(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _open_matter(args: argparse.Namespace) -> Matter:
-    from process_setup import setup_process
+    from modnet_npu.runtime.process_setup import setup_process
 
     settings = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
     return Matter(args.model, args.backend, args.device, args.precision, args.size, settings.threads, args.models_dir,
@@ -254,7 +254,7 @@ def _model_error(exc: Exception, args: argparse.Namespace) -> str:
 
 def _main_ray(args: argparse.Namespace, modes: list[str]) -> int:
     """--ray: the model resolved and the job planned here, run on the cluster (workers never download)."""
-    import scaleout
+    from modnet_npu.matting import scaleout
 
     scaleout.require_ray()
     log = _info(args)

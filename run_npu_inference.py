@@ -14,7 +14,7 @@ Importable for notebooks, as the seed shows::
 from __future__ import annotations
 
 if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
-    from process_setup import configure_openmp
+    from modnet_npu.runtime.process_setup import configure_openmp
 
     configure_openmp()
 
@@ -24,15 +24,15 @@ import sys
 from dataclasses import fields, replace
 from typing import Sequence
 
-import devices
-from convert_onnx_to_torch import build_torch_model_from_onnx
-from errors import ModnetError
-from imaging import parse_size_spec, postprocess, preprocess
-from layerwise import compare_layers
-from pipeline import Options, banner, run
-from precision import PRECISIONS
-from report import summary_table
-from cli import HelpFormatter
+from modnet_npu.runtime import devices
+from modnet_npu.conversion.convert import build_torch_model_from_onnx
+from modnet_npu.errors import ModnetError
+from modnet_npu.matting.imaging import parse_size_spec, postprocess, preprocess
+from modnet_npu.proof.layerwise import compare_layers
+from modnet_npu.proof.pipeline import Options, banner, run
+from modnet_npu.model.precision import PRECISIONS
+from modnet_npu.proof.report import summary_table
+from modnet_npu.cli import HelpFormatter
 
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
 
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from process_setup import setup_process
+    from modnet_npu.runtime.process_setup import setup_process
 
     settings = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"))
     opts = replace(opts, threads=settings.threads)  # the effective count (0 = the CPUs free now; clamped)

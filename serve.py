@@ -9,7 +9,7 @@ set-up, the listening socket and uvicorn.
 from __future__ import annotations
 
 if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinning before torch loads
-    from process_setup import configure_openmp
+    from modnet_npu.runtime.process_setup import configure_openmp
 
     configure_openmp()
 
@@ -27,8 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Sequence
 
-from model_source import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR
-from cli import HelpFormatter
+from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR
+from modnet_npu.cli import HelpFormatter
 
 BACKEND_CHOICES = ("auto", "torch", "ort")  # engines.BACKEND_CHOICES, without importing torch before set-up
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
@@ -127,7 +127,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _open_matter(opts: EngineOptions, size_spec: object):
-    from matting import Matter
+    from modnet_npu.matting.matter import Matter
 
     engine_log = logging.getLogger("modnet.serve").info
     return Matter(opts.model, opts.backend, opts.device, opts.precision, size_spec, opts.threads, opts.models_dir,
@@ -135,7 +135,7 @@ def _open_matter(opts: EngineOptions, size_spec: object):
 
 
 def _settings(args: argparse.Namespace):
-    from service import ServiceSettings
+    from modnet_npu.service.app import ServiceSettings
 
     return ServiceSettings(batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, max_bytes=args.max_bytes,
                            max_pixels=int(args.max_pixels * 1_000_000), max_queue=args.max_queue,
@@ -146,8 +146,8 @@ def _settings(args: argparse.Namespace):
 def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -> int:
     import uvicorn
 
-    from imaging import parse_size_spec
-    from service import create_app
+    from modnet_npu.matting.imaging import parse_size_spec
+    from modnet_npu.service.app import create_app
 
     size_spec = parse_size_spec(opts.size)
     failed: list[str] = []
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _start(args: argparse.Namespace, sock: socket.socket) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
-    from process_setup import setup_process
+    from modnet_npu.runtime.process_setup import setup_process
 
     # once, before the model is built: threads, allocator, PIL's own pixel limit (ours is checked first)
     proc = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"),
@@ -194,7 +194,7 @@ def _start(args: argparse.Namespace, sock: socket.socket) -> int:
     opts = EngineOptions(args.model, args.backend, args.device, args.precision, args.size, proc.threads,
                          args.models_dir, args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs)
     try:
-        from imaging import parse_size_spec
+        from modnet_npu.matting.imaging import parse_size_spec
 
         parse_size_spec(opts.size)
         _settings(args)

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import synthetic_model  # noqa: E402
+from modnet_npu.source import synthetic as synthetic_model  # noqa: E402
 
 PORTRAIT = ROOT / "assets" / "portrait_astronaut.jpg"
 
@@ -56,7 +56,7 @@ def seeded_model():
 
 @pytest.fixture(scope="session")
 def portrait_input() -> np.ndarray:
-    from imaging import preprocess
+    from modnet_npu.matting.imaging import preprocess
 
     x, _ = preprocess(str(PORTRAIT), 256)
     return x

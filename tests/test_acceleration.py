@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-import acceleration as fp
+from modnet_npu.runtime import acceleration as fp
 from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
-from inference_form import optimize
+from modnet_npu.model.optimized import optimize
 
 
 class FakeGraphs:

@@ -54,7 +54,7 @@ def test_repo_relative_paths():
 
 
 def test_graph_row_is_dropped_when_nothing_was_captured():
-    from acceleration import FastPathStats
+    from modnet_npu.runtime.acceleration import FastPathStats
 
     class Runner:
         def __init__(self, captures, failures):

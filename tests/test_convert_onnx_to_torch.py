@@ -9,8 +9,8 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-import convert_onnx_to_torch as c2t
-from synthetic_model import FLAVOURS
+from modnet_npu.conversion import convert as c2t
+from modnet_npu.source.synthetic import FLAVOURS
 
 FP32_MAX = 1e-4
 FP16_MAX, FP16_MEAN = 1e-2, 1e-3

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-import devices
+from modnet_npu.runtime import devices
 from fake_npu import FakeNpu, fake_device
 
 

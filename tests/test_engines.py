@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import devices
-import engines
-from acceleration import FastPathError
+from modnet_npu.runtime import devices
+from modnet_npu.runtime import engines
+from modnet_npu.runtime.acceleration import FastPathError
 from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 
 
@@ -142,8 +142,8 @@ def test_engine_on_the_cpu_reports_its_fast_path():
 
 def test_matting_on_npu_1_readies_device_1_before_the_model_reaches_it(monkeypatch, webnn_file):
     """The path of inference.py and the service: Matter -> open_engine -> TorchEngine."""
-    import convert_onnx_to_torch
-    from matting import Matter
+    from modnet_npu.conversion import convert as convert_onnx_to_torch
+    from modnet_npu.matting.matter import Matter
 
     with FakeNpu(device_count=2) as npu:
         probe = Probe(npu)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import figures
-import report
+from modnet_npu.proof import figures
+from modnet_npu.proof import report
 
 
 def _accuracy(ort: np.ndarray, dev: np.ndarray, passed: bool, precision: str = "fp32") -> report.Accuracy:

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-import fileio
+from modnet_npu import fileio
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):

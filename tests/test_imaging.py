@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imaging as im
+from modnet_npu.matting import imaging as im
 from conftest import PORTRAIT
 
 
@@ -132,7 +132,7 @@ import resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from PIL import Image
-import imaging
+from modnet_npu.matting import imaging
 Image.fromarray(np.full((100, 5000, 3), 90, np.uint8)).save(sys.argv[2])
 photo = np.ones((3000, 4000, 3), np.uint8)
 alpha = np.full((3000, 4000), 0.5, np.float32)

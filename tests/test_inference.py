@@ -11,7 +11,7 @@ from PIL import Image
 
 import inference
 from conftest import PORTRAIT, ROOT, make_video
-from imaging import to_uint8
+from modnet_npu.matting.imaging import to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_missing_model_does_not_silently_use_a_generated_one(tmp_path, capsys):
 def test_cli_prints_the_backend_it_chose(tmp_path, webnn_file, capsys):
     code = inference.main([str(PORTRAIT), "-o", str(tmp_path), "--model", webnn_file, "--mode", "matte"])
     err = capsys.readouterr().err
-    from engines import choose_backend
+    from modnet_npu.runtime.engines import choose_backend
 
     chosen, why = choose_backend("auto", "auto")  # whatever this machine has
     described = "ONNX Runtime" if chosen == "ort" else "PyTorch on"
@@ -240,9 +240,9 @@ def test_a_broken_or_foreign_model_is_one_line(kind, backend, tmp_path, webnn_fi
 
 @pytest.mark.parametrize("where", ["inference", "writing"])
 def test_ctrl_c_is_one_line_and_leaves_no_temporary(where, tmp_path, webnn_file, capsys, monkeypatch):
-    import jobs
-    import matting
-    from fileio import atomic_path
+    from modnet_npu.matting import jobs
+    from modnet_npu.matting import matter as matting
+    from modnet_npu.fileio import atomic_path
 
     if where == "inference":
         def interrupted(self, images):

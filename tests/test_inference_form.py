@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from inference_form import optimize, with_precision
-from modnet_arch import count_ops
+from modnet_npu.model.optimized import optimize, with_precision
+from modnet_npu.graph.analysis import count_ops
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jobs
-from imaging import MAX_MODEL_SIDE, ShortSide, input_size
+from modnet_npu.matting import jobs
+from modnet_npu.matting.imaging import MAX_MODEL_SIDE, ShortSide, input_size
 
 
 SHORT_64 = ShortSide(64)
@@ -125,7 +125,7 @@ def test_interrupting_a_run_leaves_no_temporary(tmp_path, monkeypatch, where):
         monkeypatch.setattr(matter, "mattes", lambda images: (_ for _ in ()).throw(KeyboardInterrupt()))
     else:
         def interrupted(dest, image, **kw):
-            from fileio import atomic_path
+            from modnet_npu.fileio import atomic_path
 
             with atomic_path(dest) as tmp:
                 open(tmp, "wb").write(b"half an image")

@@ -17,11 +17,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import layerwise
-import synthetic_model
-from convert_onnx_to_torch import convert
-from inference_form import FastMODNet, optimize, with_precision
-from layerwise import LAYER_THRESHOLDS, LayerwiseError, compare_layers, layerwise_figure
+from modnet_npu.proof import layerwise
+from modnet_npu.source import synthetic as synthetic_model
+from modnet_npu.conversion.convert import convert
+from modnet_npu.model.optimized import FastMODNet, optimize, with_precision
+from modnet_npu.proof.layerwise import LAYER_THRESHOLDS, LayerwiseError, compare_layers, layerwise_figure
 
 HR_LAYER = "hr_branch.conv_hr4x.0.layers.0"  # the first convolution of hr_branch.conv_hr4x
 BACKBONE_LAYER = "backbone.model.features.5.conv.3"  # block 5's depthwise conv, inside the enc8x stage

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-import matting_metrics as mm
-from matting_metrics import MattingMetricsError, MattingScores
+from modnet_npu.proof import metrics as mm
+from modnet_npu.proof.metrics import MattingMetricsError, MattingScores
 
 # --------------------------------------------------------------------------
 # MSE, MAD, SAD by hand

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import model_source as ms
+from modnet_npu.source import resolve as ms
 from conftest import loopback_http
 
 PAYLOAD = os.urandom(300_000)

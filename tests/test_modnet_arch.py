@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-import modnet_arch
+from modnet_npu.graph import analysis as modnet_arch
 
 
 def test_analysis_of_an_anonymous_graph(flavour_files):

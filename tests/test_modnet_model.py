@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modnet_model import load_checkpoint
-from modnet_model import CheckpointError, MODNet, instance_norm, remap_official_state_dict
+from modnet_npu.model.modnet import load_checkpoint
+from modnet_npu.model.modnet import CheckpointError, MODNet, instance_norm, remap_official_state_dict
 
 
 def test_layout_matches_the_published_network():

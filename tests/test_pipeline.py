@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engines
+from modnet_npu.runtime import engines
 import run_npu_inference as rni
 from conftest import PORTRAIT
 

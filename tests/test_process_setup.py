@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import process_setup
-import timing
+from modnet_npu.runtime import process_setup
+from modnet_npu.proof import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import report
+from modnet_npu.proof import report
 
 
 def test_error_metrics_are_right():
@@ -54,8 +54,8 @@ def test_printed_table_marks_a_noisy_run():
 
 
 def test_noise_keys_land_in_the_performance_section():
-    from devices import Environment
-    from timing import Noise
+    from modnet_npu.runtime.devices import Environment
+    from modnet_npu.proof.timing import Noise
 
     acc = report.Accuracy(**vars(report.error_metrics(np.zeros(4), np.zeros(4))),
                           png=report.error_metrics(np.zeros(4), np.zeros(4)), thresholds={"mae": 1e-3,

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 import inference
-import scaleout
+from modnet_npu.matting import scaleout
 from conftest import PORTRAIT, ROOT, make_video
 
 # Ray Data sets its deprecated options on every copy of its context: not ours to fix
@@ -252,8 +252,8 @@ class _DiesOnce(scaleout._ImageActor):
 def test_an_actor_that_dies_is_replaced_and_its_batch_retried(cluster, tmp_path, monkeypatch, flavour_files):
     import ray.cloudpickle
 
-    from imaging import ShortSide
-    from jobs import plan_jobs
+    from modnet_npu.matting.imaging import ShortSide
+    from modnet_npu.matting.jobs import plan_jobs
 
     module = sys.modules[__name__]
     ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test module

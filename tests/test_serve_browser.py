@@ -39,7 +39,7 @@ def _require_browser() -> None:
 @pytest.fixture(scope="module")
 def page_server(flavour_files, tmp_path_factory):
     """serve.py as an offline machine runs it: the generated model, with its warning."""
-    import synthetic_model
+    from modnet_npu.source import synthetic as synthetic_model
 
     _require_browser()
     models = tmp_path_factory.mktemp("models")

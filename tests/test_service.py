@@ -375,7 +375,7 @@ def test_soak_no_errors_and_bounded_memory(client, server):
 
 def test_benchmark_load_driver_and_table(server):
     """bench_serve's measuring parts against this server (the full suite starts two servers of its own)."""
-    import bench_serve
+    from modnet_npu.bench import serve_suite as bench_serve
 
     image = _variants(1, crop=(96, 64))[0]
     load = bench_serve.drive(server.url, image, clients=3, per_client=2, deadline=time.monotonic() + 120)
@@ -400,9 +400,9 @@ def synthetic_matter(flavour_files, tmp_path_factory):
     One intra-op thread: no worker pool, so the apps below can share it (each
     closes it on shutdown, which then changes nothing).
     """
-    import synthetic_model
-    from matting import Matter
-    from model_source import DEFAULT_MODEL_ID
+    from modnet_npu.source import synthetic as synthetic_model
+    from modnet_npu.matting.matter import Matter
+    from modnet_npu.source.resolve import DEFAULT_MODEL_ID
 
     models = tmp_path_factory.mktemp("models")
     target = models / "synthetic" / f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx"
@@ -443,7 +443,7 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
 
 
 def test_healthz_is_503_until_the_model_is_loaded_then_urls_work(synthetic_matter, image_host):
-    from service import ServiceSettings, create_app
+    from modnet_npu.service.app import ServiceSettings, create_app
 
     gate = threading.Event()
 
@@ -472,7 +472,7 @@ def test_healthz_is_503_until_the_model_is_loaded_then_urls_work(synthetic_matte
 
 
 def test_a_full_queue_answers_503_with_retry_after(synthetic_matter, caplog):
-    from service import ServiceSettings, create_app
+    from modnet_npu.service.app import ServiceSettings, create_app
 
     # a long window holds the first two requests in the service while the third arrives
     settings = ServiceSettings(max_queue=2, batch_window_ms=3000, max_batch=8)
@@ -494,7 +494,7 @@ def test_a_full_queue_answers_503_with_retry_after(synthetic_matter, caplog):
 
 
 def test_inference_over_the_timeout_is_a_504_and_keeps_its_slot_until_done(synthetic_matter):
-    from service import ServiceSettings, create_app
+    from modnet_npu.service.app import ServiceSettings, create_app
 
     settings = ServiceSettings(batch_window_ms=0, timeout_s=0.03)
     with running(create_app(settings, lambda: synthetic_matter)) as url, \
@@ -526,7 +526,7 @@ class _Breakable:
 
 
 def test_a_failing_forward_is_a_one_line_500_and_the_worker_lives_on(synthetic_matter, caplog):
-    from service import ServiceSettings, create_app
+    from modnet_npu.service.app import ServiceSettings, create_app
 
     model = _Breakable(synthetic_matter)
     image = _variants(1, crop=(64, 64))[0]

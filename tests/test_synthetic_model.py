@@ -8,7 +8,7 @@ from collections import Counter
 import onnx
 import pytest
 
-import synthetic_model
+from modnet_npu.source import synthetic as synthetic_model
 from conftest import ROOT
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import timing
+from modnet_npu.proof import timing
 
 
 def test_interleaved_rotates_and_counts():

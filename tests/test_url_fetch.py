@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-import url_fetch
-from url_fetch import UrlFetchError, checked_address, fetch, parse_url, refusal
+from modnet_npu.service import url_fetch
+from modnet_npu.service.url_fetch import UrlFetchError, checked_address, fetch, parse_url, refusal
 from conftest import loopback_http
 
 # --------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jobs
-import video
+from modnet_npu.matting import jobs
+from modnet_npu.matting import video
 from conftest import ROOT
-from imaging import ImageReadError
+from modnet_npu.matting.imaging import ImageReadError
 from conftest import make_video
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import weight_extractor as we
+from modnet_npu.graph import weights as we
 
 
 def test_reads_initializers_and_constant_nodes(flavour_files):

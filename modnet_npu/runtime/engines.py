@@ -1,0 +1,240 @@
+"""The two inference engines behind one interface, for every tool of the project.
+
+An engine takes normalised ``(N, 3, h, w)`` float32 input and returns
+``(N, h, w)`` float32 alpha (:meth:`infer`); :meth:`timed` measures one
+synchronised forward. ``fixed_size`` is the ``(h, w)`` it insists on (a static
+ONNX graph on ONNX Runtime), else None.
+
+* :class:`TorchEngine` — the converted PyTorch MODNet on a device at a precision,
+  through the fast path of ``acceleration``.
+* :class:`OrtEngine` — ONNX Runtime on the CPU, on the ONNX file itself.
+
+:func:`ort_session` is the one place an ONNX Runtime session is configured.
+:func:`open_engine` builds either from a model file; :func:`choose_backend`
+decides ``auto``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from modnet_npu.runtime import devices
+from modnet_npu.runtime.acceleration import FastPathStats, make_runner
+from modnet_npu.matting.imaging import Size
+from modnet_npu.model.precision import check as check_precision
+
+BACKENDS = ("torch", "ort")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+class Engine(Protocol):
+    name: str
+    description: str
+    fixed_size: Size | None
+
+    def infer(self, x: np.ndarray) -> np.ndarray: ...
+
+    def timed(self, x: np.ndarray | torch.Tensor) -> float: ...
+
+
+def default_threads(threads: int) -> int:
+    """``threads``, or every core when 0."""
+    return threads or (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------
+# ONNX Runtime
+# --------------------------------------------------------------------------
+
+
+def ort_session(path: str | bytes, threads: int = 0, *, optimization: str = "all"):
+    """ONNX Runtime on the CPU with ``threads`` intra-op threads and spinning off.
+
+    Spinning threads keep the cores busy after each run and would slow whatever
+    runs next in this process (the PyTorch side in a comparison, the next
+    request in the service), so they are off everywhere. ``optimization``
+    ``"none"`` keeps every intermediate tensor of the graph (layer-by-layer
+    comparison); ``path`` may be the serialised model itself.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = default_threads(threads)
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    if optimization == "none":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+class OrtEngine:
+    """ONNX Runtime on the CPU, on the ONNX file itself."""
+
+    name = "ort"
+
+    def __init__(self, onnx_path: str, *, threads: int = 0, validate: bool = True) -> None:
+        if validate:
+            # the same checks and one-line errors as the PyTorch side: a truncated,
+            # random or non-MODNet file must not reach ONNX Runtime's tracebacks
+            from modnet_npu.conversion.convert import convert
+
+            convert(onnx_path)
+        self.session = ort_session(onnx_path, threads)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        shape = inp.shape
+        static_hw = isinstance(shape[2], int) and isinstance(shape[3], int)
+        self.fixed_size: Size | None = (int(shape[2]), int(shape[3])) if static_hw else None
+        self.fixed_batch = int(shape[0]) if isinstance(shape[0], int) else None
+        self.description = "ONNX Runtime on the CPU"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The graph's own output ``(N, 1, h, w)``; a fixed-batch graph takes a batch image by image."""
+        if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
+            return np.concatenate([self.run(x[i : i + 1]) for i in range(x.shape[0])])
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[:, 0]
+
+    def timed(self, x: np.ndarray | torch.Tensor) -> float:
+        x = x.numpy() if isinstance(x, torch.Tensor) else x
+        start = time.perf_counter()
+        self.run(x)
+        return (time.perf_counter() - start) * 1000.0
+
+
+# --------------------------------------------------------------------------
+# PyTorch
+# --------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """A MODNet module on a device at a precision, called through :func:`acceleration.make_runner`.
+
+    Takes normalised input (numpy or tensor), returns float32 numpy. Every
+    PyTorch entry point (the pipeline, inference.py, the service, benchmarks)
+    builds one, so the device is made ready here, before the model reaches it
+    (:func:`devices.activate`: current device, NPU internal formats off,
+    ``strict_fp32`` when asked). Without ``strict_fp32`` a 910B runs fp32
+    convolutions in HF32 and CUDA in TF32 (their defaults; fine for matting).
+    Process-wide CPU settings (threads, allocator) are the entry point's job
+    (``process_setup.setup_process``), not the engine's.
+    """
+
+    name = "torch"
+    fixed_size: Size | None = None  # any multiple of 32
+
+    def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32",
+                 strict_fp32: bool = False, compile: bool = False, graphs: str = "auto", threads: int = 0,
+                 log: Callable[[str], None] = lambda m: None) -> None:
+        from modnet_npu.model.optimized import with_precision
+
+        self.device = device
+        self.precision = check_precision(precision)
+        activated = devices.activate(device, strict_fp32=strict_fp32)
+        for note in activated.notes:
+            log(f"note: {note}")
+        if precision == "bf16":  # after activate: asking the NPU initialises it, and options come first
+            devices.check_bf16(device)
+        self.model, self.dtype = with_precision(model.to(device).eval(), precision)
+        # the weights' copy initialised the device: CANN has applied (or refused) the options by now
+        self.settings = replace(activated, in_force=devices.read_back(device))
+        self.runner = make_runner(self.model, device, compile=compile, graphs=graphs,
+                                  threads=default_threads(threads), log=log)
+
+    @property
+    def describe(self) -> str:
+        """The fast path's pieces, saying so when graph captures failed."""
+        return self.runner.describe
+
+    @property
+    def description(self) -> str:
+        return f"PyTorch on {self.device} ({self.precision}; {self.describe})"
+
+    def fast_path_stats(self) -> FastPathStats:
+        """Graph captures, replays and failures (with reasons), compilations: what the fast path did so far."""
+        return self.runner.stats()
+
+    def device_settings(self) -> devices.DeviceSettings:
+        """What :func:`devices.activate` set, with the options in force read back now."""
+        return replace(self.settings, in_force=devices.read_back(self.device))
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
+        return self.runner(t).float().cpu().numpy()
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self(x)[:, 0]
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def to_device(self, x: np.ndarray) -> torch.Tensor:
+        """``x`` on the device in the engine's input dtype (for :meth:`timed`)."""
+        return torch.from_numpy(x).to(self.device, self.dtype)
+
+    def timed(self, x: np.ndarray | torch.Tensor) -> float:
+        """Milliseconds for one forward of an on-device tensor, synchronised."""
+        if isinstance(x, np.ndarray):
+            x = self.to_device(x)
+        devices.synchronize(self.device)
+        start = time.perf_counter()
+        self.runner(x)
+        devices.synchronize(self.device)
+        return (time.perf_counter() - start) * 1000.0
+
+
+# --------------------------------------------------------------------------
+# choosing and opening
+# --------------------------------------------------------------------------
+
+
+def choose_backend(backend: str, device: str) -> tuple[str, str]:
+    """``auto``: PyTorch when an accelerator is there (or asked for), ONNX Runtime on a CPU-only machine.
+
+    On a CPU, ONNX Runtime is the faster engine for MODNet (README, benchmark.py
+    engines); on an accelerator, PyTorch is the one that uses it. Returns
+    (backend, why).
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
+    if backend != "auto":
+        return backend, "asked for"
+    if device != "auto":  # a device is a PyTorch choice, the CPU included
+        return "torch", f"device {device} asked for"
+    chosen = devices.select_device("auto")
+    if chosen.type == "cpu":
+        return "ort", "no accelerator found: ONNX Runtime is the faster engine on a CPU"
+    return "torch", f"accelerator {chosen} found"
+
+
+def open_engine(backend: str, onnx_path: str, *, device: str = "auto", precision: str = "fp32", threads: int = 0,
+                compile: bool = False, graphs: str = "auto", strict_fp32: bool = False, validate: bool = True,
+                log: Callable[[str], None] = lambda m: None) -> TorchEngine | OrtEngine:
+    """An engine of kind ``backend`` (``torch`` or ``ort``) on the model file at ``onnx_path``.
+
+    ``strict_fp32`` (torch): fp32 convolutions in fp32 on a 910B or CUDA, not HF32 / TF32.
+    ``validate`` (ort): check the file is a MODNet first (torch converts it, which checks anyway).
+    """
+    if backend == "ort":
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"the ort backend runs on the CPU; --device {device} needs --backend torch")
+        if check_precision(precision) != "fp32":
+            raise ValueError(f"the ort backend runs the file as it is; --precision {precision} needs --backend torch")
+        return OrtEngine(onnx_path, threads=threads, validate=validate)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    from modnet_npu.conversion.convert import build_torch_model_from_onnx
+
+    target = devices.select_device(device)
+    model = build_torch_model_from_onnx(onnx_path)  # on the CPU: TorchEngine readies the device first
+    return TorchEngine(model, target, precision=precision, strict_fp32=strict_fp32, compile=compile, graphs=graphs,
+                       threads=threads, log=log)
