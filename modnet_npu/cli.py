@@ -1,7 +1,29 @@
-"""What the command-line front ends share."""
+"""What the command lines share: the help formatter, and the one owner of error lines and exit statuses.
+
+Every tool exits with the same status for the same kind of failure:
+
+====  ==================================================================
+0     done
+1     the run failed (a missing or broken file, an absent device, …)
+2     a bad option or option value (argparse's errors and ``UsageError``)
+130   interrupted (Ctrl-C, SIGTERM, SIGHUP), outputs cleaned up
+====  ==================================================================
+
+and says what went wrong in one line starting ``error:`` on stderr, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from modnet_npu.errors import ModnetError, UsageError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+MAX_LINE = 1000  # an error line never carries more than this (a hostile value is cut, not echoed whole)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -14,3 +36,69 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action.default, (tuple, list)):
             return f"{text} (default: {','.join(str(v) for v in action.default)})"
         return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the shared help format and one-line usage errors (exit status 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(error_line(f"{message} (see {self.prog} --help)"), file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """Text folded onto one line and cut to ``limit`` characters (the cut is marked)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def describe(exc: BaseException) -> str:
+    """What an exception says to a user, one line: an OSError names its file and reason, not its errno."""
+    if isinstance(exc, OSError) and not isinstance(exc, ModnetError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return one_line(f"{where}{exc.strerror}")
+    if isinstance(exc, MemoryError):
+        return "out of memory (try a smaller --batch, --max-side or --size)"
+    return one_line(str(exc) or type(exc).__name__)
+
+
+def error_line(message: str) -> str:
+    return "error: " + one_line(message)
+
+
+def report(exc: BaseException) -> int:
+    """Print the one line for ``exc`` and return its exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted; no partial outputs were left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(error_line(describe(exc)), file=sys.stderr)
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP end a run the way Ctrl-C does: clean-up runs, temporaries go, status 130."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                signal.signal(sig, _interrupt)
+            except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+                return
+
+
+def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+                argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run ``body(args)``; every user-facing failure becomes one line and its status."""
+    args = parser.parse_args(argv)
+    interrupt_on_signals()
+    try:
+        return body(args)
+    except (ModnetError, OSError, ValueError, MemoryError, KeyboardInterrupt) as exc:
+        return report(exc)

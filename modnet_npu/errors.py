@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class ModnetError(Exception):
     """A failure with a message meant for the user, one line, naming what is wrong."""
+
+
+class UsageError(ModnetError, ValueError):
+    """A bad command-line option or option value: exit status 2 in every tool (``modnet_npu.cli``)."""

@@ -28,7 +28,7 @@ def _fixture_key() -> str:
     import torch
 
     h = hashlib.sha256()
-    for name in ("modnet_model.py", "synthetic_model.py"):
+    for name in ("modnet_npu/model/modnet.py", "modnet_npu/source/synthetic.py"):
         h.update((ROOT / name).read_bytes())
     h.update(f"{torch.__version__} {onnx.__version__}".encode())
     return h.hexdigest()[:16]

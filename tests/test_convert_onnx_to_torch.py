@@ -10,7 +10,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from modnet_npu.conversion import convert as c2t
+import convert_onnx_to_torch
 from modnet_npu.source.synthetic import FLAVOURS
+from modnet_npu.model.modnet import load_checkpoint
 
 FP32_MAX = 1e-4
 FP16_MAX, FP16_MEAN = 1e-2, 1e-3
@@ -142,7 +144,7 @@ def test_bad_inputs_give_one_line_errors(case, expect, tmp_path, webnn_file, cap
         _tiny_conv_graph(path)
     elif case == "wrong-shape":
         _wrong_shape(path, webnn_file)
-    assert c2t.main([str(path), "-o", str(tmp_path / "out.pt")]) == 1
+    assert convert_onnx_to_torch.main([str(path), "-o", str(tmp_path / "out.pt")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
     assert not (tmp_path / "out.pt").exists()
@@ -158,9 +160,9 @@ def test_wrong_shape_error_names_the_tensor(tmp_path, webnn_file):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_cli_writes_a_strict_loadable_state_dict(suffix, tmp_path, webnn_file, seeded_model, capsys):
     out = tmp_path / f"modnet{suffix}"
-    assert c2t.main([webnn_file, "-o", str(out)]) == 0
+    assert convert_onnx_to_torch.main([webnn_file, "-o", str(out)]) == 0
     assert "87 layers placed" in capsys.readouterr().out
-    model = c2t.load_checkpoint(str(out))
+    model = load_checkpoint(str(out))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert float((model(x) - seeded_model(x)).abs().max()) <= FP32_MAX
@@ -173,10 +175,10 @@ def test_cli_loads_official_checkpoint(tmp_path, seeded_model):
     ckpt = tmp_path / "modnet_webcam_portrait_matting.ckpt"
     torch.save(state, ckpt)
     out = tmp_path / "out.safetensors"
-    assert c2t.main([str(ckpt), "-o", str(out)]) == 0
+    assert convert_onnx_to_torch.main([str(ckpt), "-o", str(out)]) == 0
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(c2t.load_checkpoint(str(out))(x), seeded_model(x))
+        assert torch.equal(load_checkpoint(str(out))(x), seeded_model(x))
 
 
 def test_hardware_specific_ort_layouts_are_refused_clearly(tmp_path, flavour_files):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 from modnet_npu.graph import analysis as modnet_arch
+import modnet_arch as modnet_arch_cli
 
 
 def test_analysis_of_an_anonymous_graph(flavour_files):
@@ -26,16 +27,16 @@ def test_cost_grows_with_pixels(webnn_file):
 
 
 def test_cli_table_and_json(webnn_file, capsys):
-    assert modnet_arch.main([webnn_file]) == 0
+    assert modnet_arch_cli.main([webnn_file]) == 0
     text = capsys.readouterr().out
     assert "69 convolutions" in text and "hr_branch.conv_hr2x.0.layers.0" in text
-    assert modnet_arch.main([webnn_file, "--json", "--size", "320x480"]) == 0
+    assert modnet_arch_cli.main([webnn_file, "--json", "--size", "320x480"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["size"] == [320, 480] and len(data["convs"]) == 69
 
 
 def test_cli_bad_size_and_missing_file(tmp_path, webnn_file, capsys):
-    assert modnet_arch.main([webnn_file, "--size", "100"]) == 1
+    assert modnet_arch_cli.main([webnn_file, "--size", "100"]) == 1
     assert "multiples of 32" in capsys.readouterr().err
-    assert modnet_arch.main([str(tmp_path / "nope.onnx")]) == 1
+    assert modnet_arch_cli.main([str(tmp_path / "nope.onnx")]) == 1
     assert capsys.readouterr().err.count("\n") == 1

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from modnet_npu.source import synthetic as synthetic_model
+import synthetic_model as synthetic_cli
 from conftest import ROOT
 
 
@@ -58,7 +59,7 @@ def test_a_missing_package_is_named_before_anything_is_written(tmp_path, monkeyp
     with pytest.raises(synthetic_model.MissingPackageError, match="dynamo needs onnxscript: pip install onnxscript"):
         synthetic_model.generate(str(out), synthetic_model.FLAVOURS)
     assert not out.exists()  # checked up front: not 3 files of 9, then a traceback
-    assert synthetic_model.main(["--out-dir", str(out)]) == 1
+    assert synthetic_cli.main(["--out-dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "onnxscript" in err
     assert not out.exists()
@@ -67,7 +68,7 @@ def test_a_missing_package_is_named_before_anything_is_written(tmp_path, monkeyp
 def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     target = tmp_path / "file.onnx"
     target.write_bytes(b"keep")
-    assert synthetic_model.main(["--out-dir", str(target), "--flavour", "webnn"]) == 1
+    assert synthetic_cli.main(["--out-dir", str(target), "--flavour", "webnn"]) == 1
     err = capsys.readouterr().err
     assert err == f"error: {target}: is a file, not a folder\n" and target.read_bytes() == b"keep"
 

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from modnet_npu.graph import weights as we
+import weight_extractor
 
 
 def test_reads_initializers_and_constant_nodes(flavour_files):
@@ -55,7 +56,7 @@ def test_facts_and_summary(webnn_file):
 
 def test_cli_summary_and_npz(tmp_path, webnn_file, capsys):
     out = tmp_path / "w.npz"
-    assert we.main([webnn_file, "--npz", str(out)]) == 0
+    assert weight_extractor.main([webnn_file, "--npz", str(out)]) == 0
     text = capsys.readouterr().out
     assert "opset:           13" in text and "input: float32 [1, 3, 256, 256] (static)" in text
     with np.load(out) as data:
@@ -71,7 +72,7 @@ def test_bad_files_one_line_error(tmp_path, webnn_file, capsys, case):
         path.write_bytes(b"")
     elif case == "folder":
         path.mkdir()
-    assert we.main([str(path)]) == 1
+    assert weight_extractor.main([str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err
 
@@ -172,6 +173,6 @@ def test_missing_external_file_has_its_own_type(tmp_path):
 def test_cli_refuses_a_tampered_file_in_one_line(tmp_path, capsys):
     path, _ = _tiny_external_model(tmp_path / "m")
     _retarget(path, location="../../../../etc/passwd")
-    assert we.main([str(path)]) == 1
+    assert weight_extractor.main([str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "'..'" in err

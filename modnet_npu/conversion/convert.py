@@ -25,9 +25,7 @@ Also loads the official PyTorch checkpoints. CLI: ONNX (or .ckpt) -> .pt or
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple, Sequence, Union
@@ -40,8 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from modnet_npu.fileio import atomic_path
-from modnet_npu.model.modnet import CheckpointError, MODNet, MODNetConfig, load_checkpoint
-from modnet_npu.graph.weights import OnnxReadError, OnnxWeights, read_weights
+from modnet_npu.model.modnet import MODNet, MODNetConfig
+from modnet_npu.graph.weights import OnnxWeights, read_weights
 from modnet_npu.errors import ModnetError
 
 INPUT = "<input>"
@@ -808,46 +806,3 @@ def save_state_dict(model: nn.Module, out_path: str) -> None:
             save_file(state, tmp)
         else:
             torch.save(state, tmp)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Convert a MODNet ONNX file (or an official .ckpt) to a PyTorch state dict.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("source", help="MODNet .onnx file, or an official .ckpt/.pth checkpoint")
-    parser.add_argument("-o", "--output", default=None,
-                        help="output .pt or .safetensors (default: the source's name with .pt)")
-    parser.add_argument("--show-layers", action="store_true", help="print which ONNX node filled each layer")
-    args = parser.parse_args(argv)
-    out = args.output or os.path.splitext(args.source)[0] + ".pt"
-    if not out.endswith((".pt", ".pth", ".safetensors")):
-        print(f"error: output {out!r} must end in .pt, .pth or .safetensors", file=sys.stderr)
-        return 2
-    try:
-        if args.source.endswith(CHECKPOINT_SUFFIXES):
-            model = load_checkpoint(args.source)
-            print(f"loaded checkpoint {args.source} (strict)")
-        else:
-            result = convert(args.source)
-            model, r = result.model, result.report
-            print(f"converted {r.source}: opset {r.opset}, input {r.input_name} {list(r.input_shape)}")
-            print(f"  {r.num_units} layers placed, {r.num_folded_batchnorms} BatchNorms folded by the exporter, "
-                  f"{r.num_source_tensors_used} source tensors used, {r.num_parameters:,} parameters")
-            if r.leftovers:
-                print(f"  warning: {len(r.leftovers)} float tensor(s) in the file were not used:")
-                for name, shape in r.leftovers:
-                    print(f"    {name} {list(shape)}")
-            if args.show_layers:
-                for layer in r.layers:
-                    print(f"  {layer.module:<45} <- {', '.join(layer.onnx_nodes)}")
-        save_state_dict(model, out)
-        print(f"wrote {out}")
-    except (ConversionError, OnnxReadError, CheckpointError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

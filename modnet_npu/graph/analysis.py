@@ -9,20 +9,16 @@ anonymised and reordered graphs too. CLI prints it; ``--json`` for machines.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modnet_npu.conversion.convert import Conversion, ConversionError, ConvLabel, convert, describe
+from modnet_npu.conversion.convert import Conversion, ConvLabel, convert, describe
 from modnet_npu.model.modnet import IBNorm, MODNet, check_input_size
-from modnet_npu.graph.weights import GraphFacts, OnnxReadError, OnnxWeights, ValueInfo, read_weights, summarize
+from modnet_npu.graph.weights import GraphFacts, OnnxWeights, ValueInfo, read_weights, summarize
 
 BRANCHES = {"backbone": "backbone", "lr_branch": "low-res", "hr_branch": "high-res", "f_branch": "fusion"}
 
@@ -186,44 +182,6 @@ def format_report(r: ArchReport) -> str:
     return "\n".join(lines)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' or '320x480' (height x width)."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) == 1:
-            return int(parts[0]), int(parts[0])
-        if len(parts) == 2:
-            return int(parts[0]), int(parts[1])
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Analyse a MODNet ONNX graph: contract, ops, convolution table, parameters, cost.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("model", help="path to a MODNet .onnx file")
-    parser.add_argument("--size", type=parse_size, default=(256, 256), help="input size for the cost, N or HxW")
-    parser.add_argument("--batch", type=int, default=1, help="batch size for the cost")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args(argv)
-    try:
-        report = analyse(args.model, *args.size, batch=args.batch)
-    except (OnnxReadError, ConversionError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        data = asdict(report)
-        data["gflops"] = report.gflops
-        print(json.dumps(data, indent=2))
-    else:
-        print(format_report(report))
-    return 0
-
-
-
 # --------------------------------------------------------------------------
 # counting operators
 # --------------------------------------------------------------------------
@@ -257,6 +215,3 @@ def count_ops(model: nn.Module, x: torch.Tensor) -> tuple[int, int, Counter]:
     kernels = sum(n for op, n in counter.ops.items() if op not in VIEW_OPS)
     return counter.total, kernels, counter.ops
 
-
-if __name__ == "__main__":
-    sys.exit(main())

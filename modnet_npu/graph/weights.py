@@ -11,14 +11,11 @@ It knows nothing of MODNet. CLI: a summary of the file, or the tensors as .npz.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
-import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -442,36 +439,3 @@ def save_npz(weights: OnnxWeights, out_path: str) -> int:
     with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **weights.arrays)
     return len(weights.arrays)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Summarise the weights of an ONNX file, or dump them to .npz.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("model", help="path to an .onnx file")
-    parser.add_argument("--npz", metavar="PATH", default=None, help="also write every tensor to PATH (.npz)")
-    parser.add_argument("--list", action="store_true", help="list every tensor with shape and stored dtype")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
-    try:
-        weights = read_weights(args.model)
-        summary = summarize(weights)
-        if args.json:
-            print(json.dumps(asdict(summary), indent=2))
-        else:
-            print(format_summary(summary))
-        if args.list:
-            for info in weights.infos.values():
-                print(f"  {info.name}  {list(info.shape)}  {info.dtype}  ({info.source})")
-        if args.npz:
-            n = save_npz(weights, args.npz)
-            print(f"wrote {n} tensors to {args.npz}")
-    except (OnnxReadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,13 +26,11 @@ ort_extended   re-saved at ONNX Runtime's extended level (FusedConv with
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
 import os
 import random
-import sys
 import tempfile
 import warnings
 from typing import Callable, Iterator, Sequence
@@ -370,26 +368,3 @@ def generate(
                 export_flavour(model, flavour, tmp, work)
             paths[flavour] = final
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Export MODNet ONNX files with seeded weights, in the flavours real copies come in.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--out-dir", default="models/synthetic", help="folder for modnet_<flavour>.onnx")
-    parser.add_argument("--flavour", action="append", choices=FLAVOURS, help="flavour to write (repeatable); all when omitted")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weight seed")
-    args = parser.parse_args(argv)
-    try:
-        paths = generate(args.out_dir, args.flavour or FLAVOURS, args.seed)
-    except (ModnetError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for flavour, path in paths.items():
-        print(f"{flavour:<12} {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
