@@ -49,7 +49,7 @@ def _child(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_spin_bound_reaches_libgomp_when_set_before_torch():
-    code = ("import sys, process_setup; assert 'torch' not in sys.modules; "
+    code = ("import sys; from modnet_npu.runtime import process_setup; assert 'torch' not in sys.modules; "
             "print(process_setup.configure_openmp()); import torch; torch.ones(4).sum()")
     out = _child(code, OMP_DISPLAY_ENV="VERBOSE")  # libgomp prints the settings it read, when loaded
     assert f"'GOMP_SPINCOUNT': '{process_setup.GOMP_SPINCOUNT}'" in out.stdout
@@ -58,5 +58,5 @@ def test_spin_bound_reaches_libgomp_when_set_before_torch():
 
 
 def test_a_wait_policy_the_user_set_wins():
-    out = _child("import process_setup; print(process_setup.configure_openmp())", OMP_WAIT_POLICY="ACTIVE")
+    out = _child("from modnet_npu.runtime import process_setup; print(process_setup.configure_openmp())", OMP_WAIT_POLICY="ACTIVE")
     assert "GOMP_SPINCOUNT" not in out.stdout and "'OMP_WAIT_POLICY': 'ACTIVE'" in out.stdout
