@@ -33,6 +33,7 @@ from modnet_npu.proof.pipeline import Options, banner, run
 from modnet_npu.model.precision import PRECISIONS
 from modnet_npu.proof.report import summary_table
 from modnet_npu.cli import HelpFormatter
+from modnet_npu.routes import ROUTE_PRECISIONS, parse_routes
 
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
 
@@ -55,6 +56,13 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
     return sizes
+
+
+def _routes(text: str) -> tuple[str, ...]:
+    try:
+        return parse_routes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=d.output_dir, help="where the outputs go")
     p.add_argument("--timeout", type=float, default=d.timeout, help="download time-out per attempt, seconds")
     p.add_argument("--retries", type=_positive_int, default=d.retries, help="download attempts")
+    p.add_argument("--routes", type=_routes, default=d.routes,
+                   help="Ascend routes side by side, comma-separated: torch (this project's PyTorch model on "
+                        "--device), ort-cann (ONNX Runtime's CANN provider on the ONNX file; needs "
+                        "onnxruntime-cann and CANN), om (the file compiled by ATC, run by ais_bench or ACL; needs "
+                        "the CANN toolkit). Each is checked against ONNX Runtime CPU and timed in one interleaved "
+                        "loop; the pipeline's own PyTorch run always happens. A route that cannot run here stops "
+                        "the run with one line")
+    p.add_argument("--soc-version", default=None,
+                   help="the chip for ATC's --soc_version (om route), e.g. Ascend910B3 (default: what the device "
+                        "says: torch_npu, else npu-smi info)")
+    p.add_argument("--route-precision", choices=list(ROUTE_PRECISIONS), default=d.route_precision,
+                   help="precision of the ort-cann and om routes: fp32 kept (precision_mode=must_keep_origin_dtype; "
+                        "ATC --precision_mode_v2=origin) or native (each route's own mode: fp16 on GE and ATC)")
     return p
 
 
@@ -166,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" on {', '.join(failing)}" if failing else ""
         print(f"error: parity FAILED{where}: PyTorch output differs from ONNX Runtime beyond the thresholds",
               file=sys.stderr)
+        return 2
+    if report.routes is not None and report.routes.failing:
+        print(f"error: parity FAILED on route(s) {', '.join(report.routes.failing)}: their output differs from "
+              "ONNX Runtime CPU beyond the thresholds (see the routes table)", file=sys.stderr)
         return 2
     return 0
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from modnet_npu import DEFAULT_IMAGE, REPO_ROOT
+from modnet_npu import DEFAULT_IMAGE, REPO_ROOT, routes
 from modnet_npu.runtime import devices
 from modnet_npu.conversion.convert import Conversion, convert
 from modnet_npu.runtime.engines import OrtEngine, TorchEngine
@@ -79,6 +79,9 @@ class Options:
     output_dir: str = DEFAULT_OUTPUT
     timeout: float = 30.0
     retries: int = 3
+    routes: tuple[str, ...] = ("torch",)  # routes side by side (modnet_npu.routes); torch alone: the run as it was
+    soc_version: str | None = None  # ATC's --soc_version for the om route; None: read from the device
+    route_precision: str = "fp32"  # fp32 kept on every route, or "native": each route's own default (fp16)
     log: Callable[[str], None] = field(default=print, compare=False)
 
 
@@ -259,6 +262,11 @@ def _accuracy(opts: Options, summary: ParitySummary, dev: DeviceSetup, bounds: T
                     device_settings=dev.engine.device_settings().as_dict(), extra=extra)
 
 
+def _bounds(opts: Options) -> Thresholds:
+    return Thresholds(opts.mae_threshold if opts.mae_threshold is not None else MAE_THRESHOLDS[opts.precision],
+                      opts.max_threshold)
+
+
 def step_parity(opts: Options, src: ModelSource, analysis: Analysis, dev: DeviceSetup, ort: OrtEngine,
                 say: _Steps) -> Parity:
     first = analysis.cases[0]
@@ -391,16 +399,36 @@ def run(opts: Options) -> Outcome:
     # temporaries a killed earlier run left in the output folder (older than any live one)
     clean_stale_parts(opts.output_dir, older_than=time.time() - STALE_AFTER_S)
     devices.select_device(opts.device)  # a missing device fails now, not after the slow steps
+    # each route asked for is installed (one line and stop, if not), before the slow steps
+    plan = routes.plan_routes(opts.routes, precision=opts.route_precision, soc_version=opts.soc_version,
+                              device=opts.device)
     src = step_model(opts, say)
     converted = step_convert(src, say)
     analysis = step_analyse(opts, converted, say)
     dev = step_device(opts, converted, analysis.size, say)
+    opened = routed = None
     try:
+        # after torch_npu has the device (its options first), before anything is timed
+        opened = routes.open_routes(plan, model_path=src.path, model_sha256=src.sha256,
+                                    input_name=converted.conversion.report.input_name,
+                                    sizes=[c.size for c in analysis.cases], torch_engine=dev.engine,
+                                    cache_dir=os.path.join(opts.models_dir, ".om-cache"), threads=opts.threads,
+                                    log=say.detail)
         ort = OrtEngine(src.path, threads=opts.threads, validate=False)  # converted in step 2
         parity = step_parity(opts, src, analysis, dev, ort, say)
         bench = step_benchmark(opts, dev, ort, parity.x, say)
+        if opened is not None:
+            routed = opened.measure(parity.summary.results, ort=ort, torch_bounds=_bounds(opts),
+                                    mae_threshold=opts.mae_threshold, max_threshold=opts.max_threshold,
+                                    runs=opts.runs, warmup=opts.warmup, threads=opts.threads, log=say.detail)
         outputs = step_write(opts, src, parity, bench, analysis.size, say)
+        if routed is not None:
+            from modnet_npu.routes.chart import write_routes_figure
+
+            outputs = sorted(outputs + write_routes_figure(routed, opts.output_dir))
     finally:
+        if opened is not None:
+            opened.close()
         dev.engine.close()
     r = converted.conversion.report
     report = Report(
@@ -411,7 +439,7 @@ def run(opts: Options) -> Outcome:
                                   [n for n, _ in r.leftovers]),
         accuracy=parity.accuracy, performance=bench.performance, memory=bench.memory, outputs=outputs,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        duration_s=round(time.perf_counter() - started, 2),
+        duration_s=round(time.perf_counter() - started, 2), routes=routed,
     )
     write_json(os.path.join(opts.output_dir, "evaluation_report.json"), report.to_dict())
     return Outcome(report, parity.layerwise)

@@ -201,6 +201,7 @@ class Report:
     outputs: list[str]
     timestamp: str
     duration_s: float
+    routes: Any = None  # modnet_npu.routes.RoutesReport when routes beyond torch ran (--routes)
 
     def to_dict(self) -> dict:
         """The documented JSON schema (``evaluation_report.json``), JSON-safe."""
@@ -232,6 +233,8 @@ class Report:
             "timestamp": self.timestamp,
             "duration_s": self.duration_s,
         }
+        if self.routes is not None:
+            out["routes"] = self.routes.to_dict()
         return jsonable(out)
 
 
@@ -308,4 +311,5 @@ def noise_note(perf: Performance) -> str:
 
 
 def summary_table(report: Report) -> str:
-    return accuracy_table(report.accuracy) + "\n\n" + performance_table(report.performance, report.memory)
+    text = accuracy_table(report.accuracy) + "\n\n" + performance_table(report.performance, report.memory)
+    return text if report.routes is None else text + "\n\n" + report.routes.table()
