@@ -65,6 +65,23 @@ def _routes(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_route_options(p: argparse.ArgumentParser, d: Options) -> None:
+    """--routes, --soc-version, --route-precision (modnet_npu.routes; docs/ASCEND.md)."""
+    p.add_argument("--routes", type=_routes, default=d.routes,
+                   help="Ascend routes side by side, comma-separated: torch (this project's PyTorch model on "
+                        "--device), ort-cann (ONNX Runtime's CANN provider on the ONNX file; needs "
+                        "onnxruntime-cann and CANN), om (the file compiled by ATC, run by ais_bench or ACL; needs "
+                        "the CANN toolkit). Each is checked against ONNX Runtime CPU and timed in one interleaved "
+                        "loop; the pipeline's own PyTorch run always happens. A route that cannot run here stops "
+                        "the run with one line")
+    p.add_argument("--soc-version", default=None,
+                   help="the chip for ATC's --soc_version (om route), e.g. Ascend910B3 (default: what the device "
+                        "says: torch_npu, else npu-smi info)")
+    p.add_argument("--route-precision", choices=list(ROUTE_PRECISIONS), default=d.route_precision,
+                   help="precision of the ort-cann and om routes: fp32 kept (precision_mode=must_keep_origin_dtype; "
+                        "ATC --precision_mode_v2=origin) or native (each route's own mode: fp16 on GE and ATC)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
     p = argparse.ArgumentParser(
@@ -113,19 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=d.output_dir, help="where the outputs go")
     p.add_argument("--timeout", type=float, default=d.timeout, help="download time-out per attempt, seconds")
     p.add_argument("--retries", type=_positive_int, default=d.retries, help="download attempts")
-    p.add_argument("--routes", type=_routes, default=d.routes,
-                   help="Ascend routes side by side, comma-separated: torch (this project's PyTorch model on "
-                        "--device), ort-cann (ONNX Runtime's CANN provider on the ONNX file; needs "
-                        "onnxruntime-cann and CANN), om (the file compiled by ATC, run by ais_bench or ACL; needs "
-                        "the CANN toolkit). Each is checked against ONNX Runtime CPU and timed in one interleaved "
-                        "loop; the pipeline's own PyTorch run always happens. A route that cannot run here stops "
-                        "the run with one line")
-    p.add_argument("--soc-version", default=None,
-                   help="the chip for ATC's --soc_version (om route), e.g. Ascend910B3 (default: what the device "
-                        "says: torch_npu, else npu-smi info)")
-    p.add_argument("--route-precision", choices=list(ROUTE_PRECISIONS), default=d.route_precision,
-                   help="precision of the ort-cann and om routes: fp32 kept (precision_mode=must_keep_origin_dtype; "
-                        "ATC --precision_mode_v2=origin) or native (each route's own mode: fp16 on GE and ATC)")
+    _add_route_options(p, d)
     return p
 
 

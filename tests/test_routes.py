@@ -107,6 +107,7 @@ def test_cann_provider_without_cann_falls_back_and_is_refused(tmp_path, webnn_fi
     assert "the CANN execution provider is not in use: ONNX Runtime fell back to the CPU" in err
     assert "['CPUExecutionProvider']" in err and "libascendcl.so" in err  # the reason ONNX Runtime gave
     assert not out.exists() and "Parity" not in text and "Benchmark" not in text  # nothing timed
+    assert "route torch" not in text  # refused before the torch route's first call
     cann = [s for s in ort.sessions if "CANNExecutionProvider" in s["providers"]]
     assert len(cann) == 1  # a missing library is not a renamed option: no second attempt
     assert cann[0]["options"]["CANNExecutionProvider"] == {

@@ -22,6 +22,7 @@ from modnet_npu.routes.base import (GE_ONCE_NOTE, Route, RouteParity, RouteResul
                                     RouteUnavailableError, check_route_precision, parse_routes)
 
 Log = Callable[[str], None]
+OPEN_ORDER = ("ort-cann", "om", "torch")
 TIMED_CALL = "host array in, host array out: copies to and from the device included, for every route"
 
 
@@ -104,7 +105,8 @@ def open_routes(plan: RoutePlan, *, model_path: str, model_sha256: str, input_na
     sizes = list(dict.fromkeys(tuple(s) for s in sizes))
     opened: list[Route] = []
     try:
-        for name in plan.names:
+        # the quickest to refuse first (a fallen-back provider, then ATC and the OM runtime); torch's first call last
+        for name in sorted(plan.names, key=OPEN_ORDER.index):
             route = _open(name, plan, model_path=model_path, sizes=sizes, torch_engine=torch_engine,
                           threads=threads, log=log, model_sha256=model_sha256, input_name=input_name,
                           cache_dir=cache_dir)
@@ -116,7 +118,8 @@ def open_routes(plan: RoutePlan, *, model_path: str, model_sha256: str, input_na
         for route in opened:
             route.close()
         raise
-    return OpenRoutes(plan, tuple(opened), sizes[0], getattr(torch_engine, "device", None))
+    in_order = tuple(sorted(opened, key=lambda r: plan.names.index(r.name)))  # as asked, for the report
+    return OpenRoutes(plan, in_order, sizes[0], getattr(torch_engine, "device", None))
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class OpenRoutes:
 
     def notes(self) -> tuple[str, ...]:
         notes = []
-        if any(r.name in ("ort-cann", "om") for r in self.routes):
+        if "ort-cann" in self.plan.names:  # the in-process GE route (the .om was compiled by ATC's own process)
             notes.append(GE_ONCE_NOTE)
         npu_first = getattr(self.torch_device, "type", None) == "npu"
         if npu_first and self.plan.precision == "native" and "ort-cann" in self.plan.names:

@@ -23,7 +23,10 @@ def captured_output() -> Iterator[list[str]]:
     py = io.StringIO()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+    except OSError:  # no standard descriptors (a detached process): Python's streams only
+        saved = {}
     with tempfile.TemporaryFile(mode="w+b") as native:
         try:
             for fd in saved:
