@@ -96,7 +96,10 @@ class FakeOrtCann:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        sys.modules["onnxruntime"] = self._saved
+        if self._saved is None:
+            sys.modules.pop("onnxruntime", None)
+        else:
+            sys.modules["onnxruntime"] = self._saved
 
 
 class _Session:
