@@ -16,6 +16,7 @@ decides ``auto``.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import replace
 from typing import Callable, Protocol
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.acceleration import FastPathStats, make_runner
 from modnet_npu.matting.imaging import Size
@@ -71,7 +73,27 @@ def ort_session(path: str | bytes, threads: int = 0, *, optimization: str = "all
     so.log_severity_level = 3
     if optimization == "none":
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own types derive from Exception only
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise OrtLoadError(f"ONNX Runtime cannot load {_model_name(path)}: {_ort_reason(exc)}") from None
+
+
+class OrtLoadError(ModnetError):
+    """A model file ONNX Runtime refuses (an input declared float16, an unreleased opset ...): one line."""
+
+
+def _model_name(path: str | bytes) -> str:
+    return "the model" if isinstance(path, bytes) else str(path)
+
+
+def _ort_reason(exc: Exception) -> str:
+    """ONNX Runtime's message without its error-code prefix and C++ source location."""
+    text = str(exc).strip()
+    text = text.split(" failed:", 1)[1] if " failed:" in text else re.sub(r"^\[ONNXRuntimeError\][^:]*:[^:]*: ", "", text)
+    return re.sub(r"^/\S+:\d+ [^(]*\(.*?\) (?=[A-Z])", "", text.strip())
 
 
 class OrtEngine:
