@@ -199,9 +199,12 @@ class PickyMatter(FlatMatter):
 def test_a_nan_or_out_of_memory_batch_fails_only_its_culprits(tmp_path):
     from modnet_npu.matting.matter import NonFiniteMatteError
 
-    for i, width in enumerate((40, 41, 42, 43)):
+    from modnet_npu.runtime.engines import OrtRunError
+
+    for i, width in enumerate((40, 41, 42, 43, 44)):
         _photo(tmp_path / f"p{i}.png", size=(width, 30))
-    matter = PickyMatter({41: NonFiniteMatteError("the model produced NaN or Inf values"), 43: MemoryError()})
+    matter = PickyMatter({41: NonFiniteMatteError("the model produced NaN or Inf values"), 43: MemoryError(),
+                          44: OrtRunError("ONNX Runtime failed at input 64x96: Failed to allocate memory")})
     errors = []
 
     class Record(jobs.Progress):
@@ -209,12 +212,13 @@ def test_a_nan_or_out_of_memory_batch_fails_only_its_culprits(tmp_path):
             errors.append(line)
 
     out = tmp_path / "o"
-    summary = jobs.run_jobs(matter, _plan([tmp_path], out).jobs, background="white", batch=4, progress=Record())
-    assert (summary.succeeded, summary.failed) == (2, 2)
+    summary = jobs.run_jobs(matter, _plan([tmp_path], out).jobs, background="white", batch=5, progress=Record())
+    assert (summary.succeeded, summary.failed) == (2, 3)
     assert sorted(os.listdir(out)) == ["p0_matte.png", "p2_matte.png"]
     assert errors == [f"{tmp_path / 'p1.png'}: the model produced NaN or Inf values",
-                      f"{tmp_path / 'p3.png'}: inference ran {jobs._OUT_OF_MEMORY}"]
-    assert matter.batches[0] == [40, 41, 42, 43] and all(len(b) == 1 for b in matter.batches[1:])
+                      f"{tmp_path / 'p3.png'}: inference ran {jobs._OUT_OF_MEMORY}",
+                      f"{tmp_path / 'p4.png'}: ONNX Runtime failed at input 64x96: Failed to allocate memory"]
+    assert matter.batches[0] == [40, 41, 42, 43, 44] and all(len(b) == 1 for b in matter.batches[1:])
 
 
 def test_decoded_pixels_in_flight_are_bounded(tmp_path, monkeypatch):

@@ -215,6 +215,15 @@ def test_a_model_onnx_runtime_refuses_is_one_line(tmp_path, webnn_file, edit, re
     assert not (tmp_path / "out").exists()
 
 
+def test_onnx_runtime_failing_on_an_input_is_a_typed_one_line_error(webnn_file):
+    from modnet_npu.runtime.engines import OrtEngine, OrtRunError
+
+    engine = OrtEngine(webnn_file, threads=1, validate=False)
+    with pytest.raises(OrtRunError, match=r"^ONNX Runtime failed at input 250x256: ") as info:
+        engine.infer(np.zeros((1, 3, 250, 256), np.float32))  # the static graph takes 256x256 only
+    assert "\n" not in str(info.value).strip() and "onnxruntime_src" not in str(info.value)
+
+
 # --------------------------------------------------------------------------
 # the pipeline's output folder
 # --------------------------------------------------------------------------

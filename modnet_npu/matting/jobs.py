@@ -16,9 +16,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from modnet_npu.cli import one_line
 from modnet_npu.fileio import write_image
 from modnet_npu.matting.imaging import ImageReadError, load_image
 from modnet_npu.matting.matter import Matter, NonFiniteMatteError, render
+from modnet_npu.runtime.engines import OrtRunError
 from modnet_npu.matting.plan import (  # re-exported: the names callers knew jobs by
     FORMATS,
     IMAGE_EXTS,
@@ -122,10 +124,11 @@ def _size_problem(matter: Matter, job: Job, rgb: np.ndarray) -> str | None:
 
 def _mattes(matter: Matter, loaded: Sequence[tuple[Job, np.ndarray]]) -> list[tuple[np.ndarray | None, str | None]]:
     """(matte, None) or (None, error line) per image: a batch the model fails on (NaN or Inf out,
-    out of memory) is retried image by image, so only the images it fails on alone fail."""
+    out of memory, ONNX Runtime's arena full) is retried image by image, so only the images it
+    fails on alone fail."""
     try:
         return [(alpha, None) for alpha in matter.mattes([rgb for _, rgb in loaded])]
-    except (NonFiniteMatteError, MemoryError) as exc:
+    except (NonFiniteMatteError, OrtRunError, MemoryError) as exc:
         if len(loaded) == 1:
             why = f"inference ran {_OUT_OF_MEMORY}" if isinstance(exc, MemoryError) else str(exc)
             return [(None, f"{loaded[0][0].source}: {why}")]
@@ -228,7 +231,7 @@ def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int
             for _job, problem in process_image_batch(matter, group, background, pool):
                 if problem:
                     failed += 1
-                    progress.error(problem)
+                    progress.error(one_line(problem))  # a library message may span lines
                 else:
                     done += 1
             progress.files(len(group))
@@ -237,10 +240,10 @@ def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int
             frames += process_video(matter, job, background, batch, temporal, on_frames=progress.frames,
                                     on_total=lambda n, job=job: progress.video_started(job, n))
             done += 1
-        except (ImageReadError, ValueError, OSError, MemoryError) as exc:
+        except (ImageReadError, ValueError, OSError, MemoryError, OrtRunError) as exc:
             failed += 1
             why = f"ran {_OUT_OF_MEMORY}" if isinstance(exc, MemoryError) else str(exc)
-            progress.error(why if job.source in why else f"{job.source}: {why}")
+            progress.error(one_line(why if job.source in why else f"{job.source}: {why}"))
         finally:
             progress.video_finished()
         progress.files(1)

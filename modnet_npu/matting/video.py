@@ -215,8 +215,10 @@ def process_video(
 
     Same frame rate, frame count and timestamps as the source; the audio track
     is carried over (re-encoded as AAC); frames are inferred in batches. An input
-    that cannot be read raises ImageReadError; an output that cannot be written,
-    VideoWriteError naming it; either way no partial output is left.
+    that cannot be read raises ImageReadError (ResolutionChangeError when its
+    frames change size mid-stream: the outputs have one size); an output that
+    cannot be written, VideoWriteError naming it; a model output that is not
+    finite, NonFiniteMatteError; in every case no partial output is left.
     """
     src = _open_source(job.source)
     with src, contextlib.ExitStack() as stack:
