@@ -320,7 +320,9 @@ sys.exit(inference.main(sys.argv[3:]))
 
 
 def _capped(extra_bytes: int, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # per-thread malloc arenas would reserve 64 MB each
+    # the cap counts address space: per-thread malloc arenas (64 MB each) and thread stacks (8 MB each,
+    # hence --threads 2 below) would make it depend on the machine's core count
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
     return subprocess.run([sys.executable, "-c", _CAPPED, str(ROOT), str(extra_bytes), *args], capture_output=True,
                           env=env, timeout=180, **kwargs)
 
@@ -333,8 +335,8 @@ def test_endless_stdin_ends_in_one_line_under_a_memory_cap(webnn_file):
     from modnet_npu.matting.jobs import MAX_STDIN_BYTES
 
     with open("/dev/zero", "rb") as zero:
-        proc = _capped(600_000_000, "-", "--mode", "matte", "--model", webnn_file, "--backend", "ort", "--quiet",
-                       stdin=zero)
+        proc = _capped(600_000_000, "-", "--mode", "matte", "--model", webnn_file, "--backend", "ort", "--threads",
+                       "2", "--quiet", stdin=zero)
     assert proc.returncode == 1 and proc.stdout == b""
     assert proc.stderr.decode() == f"error: stdin: more than {MAX_STDIN_BYTES} bytes; not read further\n"
 
@@ -358,7 +360,7 @@ def test_an_image_too_large_for_the_memory_fails_alone(tmp_path, webnn_file):
     _blank_bmp(big, 12000, 10000)  # 120 MP: 480 MB in PIL, 360 MB more as RGB: over what the cap leaves
     out = tmp_path / "out"
     proc = _capped(700_000_000, str(big.parent), "-o", str(out), "--mode", "matte", "--batch", "4",
-                   "--model", webnn_file, "--backend", "ort", "--quiet")
+                   "--model", webnn_file, "--backend", "ort", "--threads", "2", "--quiet")
     stderr = proc.stderr.decode()
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr
     assert stderr.startswith(f"error: {big}: ") and "out of memory" in stderr and stderr.count("\n") == 1
