@@ -25,10 +25,11 @@ import time
 from typing import Callable, Sequence
 
 from modnet_npu.runtime.engines import BACKEND_CHOICES
-from modnet_npu.errors import ModnetError
-from modnet_npu.fileio import STALE_AFTER_S, clean_stale_parts
+from modnet_npu.errors import ModnetError, UsageError
+from modnet_npu.cli import interrupt_on_signals
+from modnet_npu.fileio import STALE_AFTER_S, check_output_folder, clean_stale_parts, read_capped
 from modnet_npu.matting.imaging import MAX_MODEL_SIDE, ImageReadError, load_image, parse_color, parse_size_spec
-from modnet_npu.matting.jobs import FORMATS, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
+from modnet_npu.matting.jobs import FORMATS, MAX_STDIN_BYTES, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
 from modnet_npu.matting.matter import MODES, Matter, render
 from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, DownloadError, resolve_or_fallback
 from modnet_npu.model.precision import PRECISIONS
@@ -109,8 +110,8 @@ def _check_args(args: argparse.Namespace, modes: list[str]) -> None:
         raise _UsageError("-o/--output-dir is required")
     if args.ray is not None:
         _check_ray(args.ray, stdin)
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"-o {args.output_dir}: is a file, not a folder")
+    if args.output_dir:
+        check_output_folder(args.output_dir, option="-o")  # a file, /dev/null, /proc: refused before any work
     if args.batch < 1:
         raise _UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.threads < 0:
@@ -153,7 +154,7 @@ def _open_matter(args: argparse.Namespace) -> Matter:
 
 
 def _stdin_mode(matter: Matter, mode: str, background: str) -> int:
-    data = sys.stdin.buffer.read()
+    data = read_capped(sys.stdin.buffer, MAX_STDIN_BYTES, "stdin")
     if not data:
         raise ImageReadError("stdin: no data")
     try:
@@ -281,12 +282,13 @@ def _main_local(args: argparse.Namespace, modes: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupt_on_signals()  # SIGTERM and SIGHUP clean up as Ctrl-C does: no hidden temporaries left
     modes = list(dict.fromkeys(args.mode or ["cutout"]))
     try:
         _check_args(args, modes)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, _UsageError) else 1
+        return 2 if isinstance(exc, (_UsageError, UsageError)) else 1
     try:
         return _main_ray(args, modes) if args.ray is not None else _main_local(args, modes)
     except (ModnetError, ValueError, OSError) as exc:

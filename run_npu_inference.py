@@ -27,6 +27,7 @@ from typing import Sequence
 from modnet_npu.runtime import devices
 from modnet_npu.conversion.convert import build_torch_model_from_onnx
 from modnet_npu.errors import ModnetError
+from modnet_npu.fileio import check_output_folder
 from modnet_npu.matting.imaging import parse_size_spec, postprocess, preprocess
 from modnet_npu.proof.layerwise import compare_layers
 from modnet_npu.proof.pipeline import Options, banner, run
@@ -151,6 +152,7 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError(f"--threads must be 0 (all cores) or more, got {args.threads}")
     if not args.output_dir.strip():
         raise ValueError("--output-dir must not be empty")
+    check_output_folder(args.output_dir)  # a file, /dev/null, /proc: refused now, not at the last step
     special = {"image", "images", "sizes"}
     given = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name) and f.name not in special}
     images = tuple(args.image or ())

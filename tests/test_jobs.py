@@ -84,6 +84,184 @@ def test_missing_inputs_and_stem_collisions(tmp_path):
     assert sorted(os.path.basename(j.outputs["cutout"]) for j in plan.jobs) == ["p_jpg_cutout.png", "p_png_cutout.png"]
 
 
+def _plan(inputs, out, recursive=False, modes=("matte",)):
+    return jobs.plan_jobs([str(i) for i in inputs], str(out), list(modes), "png", recursive)
+
+
+def _outputs(plan) -> dict[str, str]:
+    return {os.path.basename(j.source): os.path.basename(j.outputs["matte"]) for j in plan.jobs}
+
+
+def test_one_stem_from_two_folders_is_a_clash_naming_both_not_one_output(tmp_path):
+    for folder in ("A", "B"):
+        (tmp_path / folder).mkdir()
+        _photo(tmp_path / folder / "x.jpg")
+    a, b = str(tmp_path / "A" / "x.jpg"), str(tmp_path / "B" / "x.jpg")
+    for inputs in ([a, b], [tmp_path / "A", tmp_path / "B"]):
+        plan = _plan(inputs, tmp_path / "o")
+        assert plan.jobs == [] and len(plan.errors) == 2  # neither written: one line per input, each naming both
+        out = tmp_path / "o" / "x_matte.png"
+        assert plan.errors[0] == (f"{a}: its output {out} would also be written for {b}; not matted "
+                                  "(rename one, or run them with different -o folders)")
+        assert plan.errors[1].startswith(f"{b}: its output {out} would also be written for {a};")
+
+
+def test_extension_kept_names_that_still_clash_are_refused(tmp_path):
+    for name in ("a.jpg", "a.png", "a_jpg.png", "b.png"):
+        _photo(tmp_path / name)
+    plan = _plan([tmp_path], tmp_path / "o")
+    assert _outputs(plan) == {"a.png": "a_png_matte.png", "b.png": "b_matte.png"}
+    assert [e.split(":")[0] for e in plan.errors] == [str(tmp_path / "a.jpg"), str(tmp_path / "a_jpg.png")]
+    assert all("a_jpg_matte.png would also be written for" in e for e in plan.errors)
+
+
+def test_names_are_compared_as_a_case_insensitive_file_system_would(tmp_path):
+    _photo(tmp_path / "Q.jpg")
+    _photo(tmp_path / "q.png")  # another extension: both keep theirs
+    (tmp_path / "sub").mkdir()
+    _photo(tmp_path / "sub" / "R.jpg")
+    _photo(tmp_path / "r.jpg")
+    plan = _plan([tmp_path / "Q.jpg", tmp_path / "q.png", tmp_path / "sub" / "R.jpg", tmp_path / "r.jpg"],
+                 tmp_path / "o")
+    assert _outputs(plan) == {"Q.jpg": "Q_jpg_matte.png", "q.png": "q_png_matte.png"}
+    assert len(plan.errors) == 2 and "R_matte.png would also be written for" in plan.errors[0]  # one file on macOS
+
+
+def test_folder_structure_is_kept_exactly(tmp_path):
+    src = tmp_path / "src"
+    (src / "my.dir" / "deeper.x").mkdir(parents=True)
+    _photo(src / "my.dir" / "a.jpg")
+    _photo(src / "my.dir" / "deeper.x" / "p.jpg")
+    _photo(src / "my.dir" / "deeper.x" / "p.png")
+    plan = _plan([src], tmp_path / "o", recursive=True)
+    rel = sorted(os.path.relpath(j.outputs["matte"], tmp_path / "o") for j in plan.jobs)
+    assert rel == [os.path.join("my.dir", "a_matte.png"), os.path.join("my.dir", "deeper.x", "p_jpg_matte.png"),
+                   os.path.join("my.dir", "deeper.x", "p_png_matte.png")]
+
+
+def test_an_output_that_is_an_input_is_never_planned(tmp_path):
+    _photo(tmp_path / "in.png")
+    _photo(tmp_path / "in_matte.png")  # named as an input: the user's file, whatever its name
+    plan = _plan([tmp_path / "in.png", tmp_path / "in_matte.png"], tmp_path)
+    assert [j.source for j in plan.jobs] == [str(tmp_path / "in_matte.png")]
+    assert plan.errors == [f"{tmp_path / 'in.png'}: its output {tmp_path / 'in_matte.png'} is the input "
+                           f"{tmp_path / 'in_matte.png'}; not written (inputs are never replaced)"]
+    # the same file under another name (a hard link in the output folder) is refused too
+    out = tmp_path / "o"
+    out.mkdir()
+    os.link(tmp_path / "in_matte.png", out / "in_matte.png")
+    plan = _plan([tmp_path / "in.png", tmp_path / "in_matte.png"], out)
+    assert [j.source for j in plan.jobs] == [str(tmp_path / "in_matte.png")] and "is the input" in plan.errors[0]
+
+
+def test_one_file_named_twice_is_matted_once(tmp_path):
+    _photo(tmp_path / "a.png")
+    plan = _plan([tmp_path / "a.png", tmp_path, tmp_path / "a.png"], tmp_path / "o")
+    assert [j.source for j in plan.jobs] == [str(tmp_path / "a.png")] and plan.errors == []
+
+
+def test_fifos_and_devices_are_never_read(tmp_path):
+    _photo(tmp_path / "ok.png")
+    (tmp_path / "sub").mkdir()
+    os.mkfifo(tmp_path / "sub" / "a.png")  # opening it would block the run forever
+    os.mkfifo(tmp_path / "b.png")
+    for recursive in (False, True):
+        plan = _plan([tmp_path], tmp_path / "o", recursive=recursive)
+        assert [os.path.basename(j.source) for j in plan.jobs] == ["ok.png"] and plan.errors == []
+    plan = _plan([tmp_path / "b.png", "/dev/zero"], tmp_path / "o")
+    assert plan.jobs == [] and plan.errors == [f"{tmp_path / 'b.png'}: not a regular file", "/dev/zero: not a regular file"]
+
+
+def test_an_output_name_too_long_for_the_file_system_fails_at_plan_time(tmp_path):
+    _photo(tmp_path / ("n" * 246 + ".png"))  # 250 bytes: itself fine, its output 256
+    _photo(tmp_path / ("m" * 240 + ".png"))  # its output 250 bytes: written (test_tool_hostile)
+    plan = _plan([tmp_path], tmp_path / "o")
+    assert [os.path.basename(j.source) for j in plan.jobs] == ["m" * 240 + ".png"]
+    assert len(plan.errors) == 1 and plan.errors[0].endswith("is longer than 255 bytes")
+
+
+class PickyMatter(FlatMatter):
+    """Fails (as the real Matter does) on any batch holding a 'bad' image: NaN out, or out of memory."""
+
+    def __init__(self, bad: dict[int, BaseException]) -> None:
+        super().__init__()
+        self.bad = bad  # image width -> what its inference raises
+        self.batches: list[list[int]] = []
+
+    def mattes(self, images):
+        self.batches.append([rgb.shape[1] for rgb in images])
+        for rgb in images:
+            if rgb.shape[1] in self.bad:
+                raise self.bad[rgb.shape[1]]
+        return super().mattes(images)
+
+
+def test_a_nan_or_out_of_memory_batch_fails_only_its_culprits(tmp_path):
+    from modnet_npu.matting.matter import NonFiniteMatteError
+
+    from modnet_npu.runtime.engines import OrtRunError
+
+    for i, width in enumerate((40, 41, 42, 43, 44)):
+        _photo(tmp_path / f"p{i}.png", size=(width, 30))
+    matter = PickyMatter({41: NonFiniteMatteError("the model produced NaN or Inf values"), 43: MemoryError(),
+                          44: OrtRunError("ONNX Runtime failed at input 64x96: Failed to allocate memory")})
+    errors = []
+
+    class Record(jobs.Progress):
+        def error(self, line: str) -> None:
+            errors.append(line)
+
+    out = tmp_path / "o"
+    summary = jobs.run_jobs(matter, _plan([tmp_path], out).jobs, background="white", batch=5, progress=Record())
+    assert (summary.succeeded, summary.failed) == (2, 3)
+    assert sorted(os.listdir(out)) == ["p0_matte.png", "p2_matte.png"]
+    assert errors == [f"{tmp_path / 'p1.png'}: the model produced NaN or Inf values",
+                      f"{tmp_path / 'p3.png'}: inference ran {jobs._OUT_OF_MEMORY}",
+                      f"{tmp_path / 'p4.png'}: ONNX Runtime failed at input 64x96: Failed to allocate memory"]
+    assert matter.batches[0] == [40, 41, 42, 43, 44] and all(len(b) == 1 for b in matter.batches[1:])
+
+
+def test_decoded_pixels_in_flight_are_bounded(tmp_path, monkeypatch):
+    sizes = [(100, 100), (100, 100), (300, 100), (50, 50), (100, 100), (100, 100)]
+    for i, size in enumerate(sizes):
+        _photo(tmp_path / f"p{i}.png", size=size)
+    monkeypatch.setattr(jobs, "PIXELS_IN_FLIGHT", 25_000)
+    matter = PickyMatter({})
+    summary = jobs.run_jobs(matter, _plan([tmp_path], tmp_path / "o").jobs, background="white", batch=4)
+    assert summary.succeeded == 6
+    # 10k + 10k; the 30k image alone (over the bound by itself); 2.5k + 10k + 10k
+    assert matter.batches == [[100, 100], [300], [50, 100, 100]]
+
+
+def test_out_of_memory_decoding_or_writing_one_file_fails_that_file(tmp_path, monkeypatch):
+    _photo(tmp_path / "a.png")
+    _photo(tmp_path / "big.png", size=(80, 60))
+    real_load = jobs.load_image
+
+    def load(path):
+        if "big" in str(path):
+            raise MemoryError
+        return real_load(path)
+
+    monkeypatch.setattr(jobs, "load_image", load)
+    job = _plan([tmp_path / "big.png"], tmp_path / "o").jobs[0]
+    assert jobs.load_job(job)[2] == f"{job.source}: decoding it ran {jobs._OUT_OF_MEMORY}"
+    summary = jobs.run_jobs(FlatMatter(), _plan([tmp_path], tmp_path / "o").jobs, background="white", batch=2)
+    assert (summary.succeeded, summary.failed) == (1, 1) and os.listdir(tmp_path / "o") == ["a_matte.png"]
+
+
+def test_the_plan_module_does_not_import_the_runner():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; import modnet_npu.matting.video, modnet_npu.matting.plan; "
+            "print('modnet_npu.matting.jobs' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr  # the jobs <-> video cycle is gone
+
+
 def test_an_image_too_large_for_the_model_fails_alone(tmp_path):
     _photo(tmp_path / "ok.png")
     _photo(tmp_path / "panorama.png", size=(MAX_MODEL_SIDE * 2, 40))  # short side 64 -> long side 13107

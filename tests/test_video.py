@@ -1,6 +1,7 @@
 """Video matting: input failures and output failures told apart; nothing partial left."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -100,3 +101,36 @@ def test_interrupting_a_video_leaves_no_temporary(clip, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         video.process_video(FlatMatter(interrupt_at=2), job, "white", batch=4)
     assert os.listdir(tmp_path) == []
+
+
+def make_resizing_video(path: Path) -> None:
+    """Six 96x64 frames, then six 64x48 ones: two MPEG-TS streams back to back (a broadcast
+    recording's resolution switch), named .mp4 as such files often are."""
+    import av
+
+    parts = []
+    for width, height in ((96, 64), (64, 48)):
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mpegts") as out:
+            stream = out.add_stream("libx264", rate=24)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(6):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 20 * i, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        parts.append(buf.getvalue())
+    path.write_bytes(b"".join(parts))
+
+
+def test_a_resolution_change_mid_stream_is_an_input_problem(tmp_path):
+    src = tmp_path / "switch.mp4"
+    make_resizing_video(src)
+    out = tmp_path / "o"
+    with pytest.raises(video.ResolutionChangeError) as info:
+        video.process_video(FlatMatter(), _job(src, out), "white", batch=4)
+    assert isinstance(info.value, ImageReadError) and not isinstance(info.value, video.VideoWriteError)
+    assert str(info.value) == (f"{src}: the resolution changes mid-stream (frame 7 is 64x48, the video 96x64); "
+                               "videos of one resolution only (split it, or scale it with ffmpeg first)")
+    assert not out.exists() or os.listdir(out) == []  # nothing partial

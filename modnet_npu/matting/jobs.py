@@ -1,131 +1,52 @@
-"""Matting jobs: which inputs to read, where each output goes, and running them.
+"""Matting jobs: running a plan (``plan``) of images and videos.
 
-One owner for the rules every front end (``inference.py``, the Ray path) keeps:
-output names (``<stem>_<mode>.<ext>``, folder structure kept), never reading
-back what this tool wrote, deciding per output file what is still to do, atomic
-writes, and one error line per failed input.
+One owner for the rules every front end (``inference.py``, the Ray path) keeps
+while running: atomic writes, decoded pixels in flight bounded, and one error
+line per failed input (unreadable, too large for the memory, a model output
+that is not finite), the others still written. What to read and where each
+output goes is ``plan``'s (re-exported here for existing callers).
 """
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
-from modnet_npu.fileio import is_temp_name, write_image
+from modnet_npu.cli import one_line
+from modnet_npu.fileio import write_image
 from modnet_npu.matting.imaging import ImageReadError, load_image
-from modnet_npu.matting.matter import MODES, Matter, render
+from modnet_npu.matting.matter import Matter, NonFiniteMatteError, render
+from modnet_npu.runtime.engines import OrtRunError
+from modnet_npu.matting.plan import (  # re-exported: the names callers knew jobs by
+    FORMATS,
+    IMAGE_EXTS,
+    OWN_OUTPUT,
+    VIDEO_EXTS,
+    Job,
+    Plan,
+    is_regular_file,
+    plan_jobs,
+    still_to_do,
+)
+from modnet_npu.matting.video import process_video
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
-FORMATS = ("png", "jpg", "webp")
-# what this tool names its outputs: photo_matte.png, clip_cutout.mov ...
-OWN_OUTPUT = re.compile(rf"_({'|'.join(MODES)})\.(png|jpg|webp|mp4|mov)$", re.IGNORECASE)
+__all__ = ["FORMATS", "IMAGE_EXTS", "OWN_OUTPUT", "VIDEO_EXTS", "Job", "Plan", "plan_jobs", "still_to_do",
+           "IoPool", "Progress", "RunSummary", "load_job", "save_job", "save_output", "process_image_batch",
+           "run_jobs", "PIXELS_IN_FLIGHT", "MAX_STDIN_BYTES"]
 
-
-@dataclass
-class Job:
-    source: str  # a path, or "-" for stdin
-    kind: str  # "image" or "video"
-    outputs: dict[str, str] = field(default_factory=dict)  # mode -> output path
-
-
-@dataclass(frozen=True)
-class Plan:
-    jobs: list[Job]
-    errors: list[str]  # one line per input that does not exist
-    excluded: list[str]  # files in the inputs that this tool wrote, not read back
-
-
-def _walk(folder: str, recursive: bool, skip: str | None = None) -> Iterator[str]:
-    """Files of ``folder`` in a stable order, never descending into ``skip`` (the output folder)."""
-    skip = os.path.realpath(skip) if skip else None
-    if recursive:
-        for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
-            for name in sorted(files):
-                yield os.path.join(root, name)
-    else:
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                yield path
-
-
-def _kind(path: str) -> str | None:
-    ext = os.path.splitext(path)[1].lower()
-    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
-
-
-def _written_here(path: str, out_real: str) -> bool:
-    """A file this tool wrote: an output in the output folder (when it is also an input
-    folder), or a temporary of an interrupted run anywhere (``.photo_matte.x1y2.part.png``)."""
-    if is_temp_name(path):
-        return True
-    folder = os.path.realpath(os.path.dirname(path))
-    return os.path.commonpath([folder, out_real]) == out_real and OWN_OUTPUT.search(path) is not None
-
-
-def _found(inputs: Sequence[str], out_dir: str, recursive: bool) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
-    """(path, relative name, kind) of every input file, missing inputs, and own outputs left out."""
-    found, errors, excluded = [], [], []
-    out_real = os.path.realpath(out_dir)
-    for item in inputs:
-        if os.path.isdir(item):
-            for path in _walk(item, recursive, skip=out_dir):
-                kind = _kind(path)
-                if kind is None:
-                    continue
-                if _written_here(path, out_real):
-                    excluded.append(path)
-                    continue
-                found.append((path, os.path.relpath(path, item), kind))
-        elif os.path.isfile(item):
-            found.append((item, os.path.basename(item), _kind(item) or "image"))
-        else:
-            errors.append(f"{item}: no such file or folder")
-    return found, errors, excluded
-
-
-def plan_jobs(inputs: Sequence[str], out_dir: str, modes: Sequence[str], fmt: str, recursive: bool) -> Plan:
-    """Jobs with their output paths; missing inputs as error lines; own outputs excluded."""
-    found, errors, excluded = _found(inputs, out_dir, recursive)
-    # two inputs with one stem (photo.jpg, photo.png) keep their extension in the name
-    stems: dict[str, int] = defaultdict(int)
-    for _, rel, _ in found:
-        stems[os.path.splitext(rel)[0]] += 1
-    jobs = []
-    for path, rel, kind in found:
-        stem = os.path.splitext(rel)[0]
-        if stems[stem] > 1:
-            stem = rel.replace(".", "_")
-        job = Job(path, kind)
-        for mode in modes:
-            if kind == "video":
-                ext = "mov" if mode == "cutout" else "mp4"  # ProRes 4444 keeps the alpha channel
-            else:
-                ext = "png" if mode == "cutout" and fmt == "jpg" else fmt  # JPEG has no alpha
-            job.outputs[mode] = os.path.join(out_dir, f"{stem}_{mode}.{ext}")
-        jobs.append(job)
-    return Plan(jobs, errors, excluded)
-
-
-def still_to_do(job: Job, overwrite: bool) -> Job | None:
-    """The job with only the outputs that are missing (all with ``overwrite``); None when none is.
-
-    Decided per file: after an interrupted run the missing modes are produced,
-    the finished ones left alone.
-    """
-    if overwrite:
-        return job
-    missing = {m: p for m, p in job.outputs.items() if not os.path.exists(p)}
-    return replace(job, outputs=missing) if missing else None
-
+# Decoded pixels one --batch group may hold: the group is cut short when its images
+# add up to more. A pixel costs ~20 bytes of peak memory on its way through the tool
+# (RGB, PIL's copy, the float matte, the rendered output, the encoder's buffer;
+# measured as the peak RSS of inference.py on a 24 MP JPEG, any one mode, ORT), so a
+# group holds about 1.3 GB; a single larger image still runs, alone.
+PIXELS_IN_FLIGHT = 64_000_000
+# The most an image read from stdin (``inference.py -``) may be, in bytes: ten times the
+# 21 MB of a noisy 24 MP JPEG at quality 90; ``cat /dev/zero | inference.py -`` ends here.
+MAX_STDIN_BYTES = 200_000_000
 
 def save_output(path: str, array: np.ndarray) -> None:
     from PIL import Image
@@ -137,21 +58,35 @@ def save_output(path: str, array: np.ndarray) -> None:
     write_image(path, img, **args)
 
 
+# Out of memory for one file is that file's failure (a 100-megapixel photo under a memory
+# cap), not the run's: the arrays it held are freed as the exception unwinds.
+_OUT_OF_MEMORY = "out of memory (try a smaller --size or --max-side, or fewer processes beside this one)"
+
+
 def load_job(job: Job) -> tuple[Job, np.ndarray | None, str | None]:
     """(job, RGB or None, error line or None)."""
+    if os.path.exists(job.source) and not is_regular_file(job.source):  # replaced by a FIFO since the plan
+        return job, None, f"{job.source}: not a regular file"
     try:
         return job, load_image(job.source), None
     except ImageReadError as exc:
         return job, None, str(exc)
+    except MemoryError:
+        return job, None, f"{job.source}: decoding it ran {_OUT_OF_MEMORY}"
 
 
 def save_job(job: Job, rgb: np.ndarray, alpha: np.ndarray, background: str) -> str | None:
     """Write every output of ``job``; the error line, or None."""
+    path = ""
     try:
         for mode, path in job.outputs.items():
             save_output(path, render(mode, rgb, alpha, background))
-    except (OSError, ValueError, ImageReadError) as exc:
+    except OSError as exc:  # the reason, not the temporary's name or the errno
+        return f"{job.source}: writing {path} failed: {exc.strerror or exc}"
+    except (ValueError, ImageReadError) as exc:
         return f"{job.source}: {exc}"
+    except MemoryError:
+        return f"{job.source}: writing {path} ran {_OUT_OF_MEMORY}"
     return None
 
 
@@ -187,6 +122,19 @@ def _size_problem(matter: Matter, job: Job, rgb: np.ndarray) -> str | None:
     return None
 
 
+def _mattes(matter: Matter, loaded: Sequence[tuple[Job, np.ndarray]]) -> list[tuple[np.ndarray | None, str | None]]:
+    """(matte, None) or (None, error line) per image: a batch the model fails on (NaN or Inf out,
+    out of memory, ONNX Runtime's arena full) is retried image by image, so only the images it
+    fails on alone fail."""
+    try:
+        return [(alpha, None) for alpha in matter.mattes([rgb for _, rgb in loaded])]
+    except (NonFiniteMatteError, OrtRunError, MemoryError) as exc:
+        if len(loaded) == 1:
+            why = f"inference ran {_OUT_OF_MEMORY}" if isinstance(exc, MemoryError) else str(exc)
+            return [(None, f"{loaded[0][0].source}: {why}")]
+    return [_mattes(matter, [item])[0] for item in loaded]
+
+
 def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
                         pool: IoPool | None = None) -> list[tuple[Job, str | None]]:
     """Read, matte (batched) and write a group of image jobs; returns (job, error or None)."""
@@ -201,11 +149,41 @@ def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
             results.append((job, problem))
         else:
             loaded.append((job, rgb))
-    if loaded:
-        alphas = matter.mattes([rgb for _, rgb in loaded])
-        problems = pool.map(save_job, [(job, rgb, alpha, background) for (job, rgb), alpha in zip(loaded, alphas, strict=True)])
-        results += [(job, problem) for (job, _), problem in zip(loaded, problems, strict=True)]
+    matted = _mattes(matter, loaded) if loaded else []
+    to_save = [(job, rgb, alpha, background) for (job, rgb), (alpha, _) in zip(loaded, matted, strict=True)
+               if alpha is not None]
+    results += [(job, problem) for (job, _), (alpha, problem) in zip(loaded, matted, strict=True) if alpha is None]
+    problems = pool.map(save_job, to_save)
+    results += [(item[0], problem) for item, problem in zip(to_save, problems, strict=True)]
     return results
+
+
+def _pixels(job: Job) -> int:
+    """The image's pixel count from its header (no decoding); 0 when unreadable (loading reports why)."""
+    from PIL import Image
+
+    if not is_regular_file(job.source):
+        return 0
+    try:
+        with Image.open(job.source) as img:
+            return img.width * img.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0
+
+
+def _groups(images: Sequence[Job], batch: int, pool: IoPool) -> list[list[Job]]:
+    """Runs of at most ``batch`` images holding at most PIXELS_IN_FLIGHT decoded pixels (one image at least)."""
+    if batch == 1:
+        return [[job] for job in images]
+    groups: list[list[Job]] = []
+    pixels = 0
+    for job, n in zip(images, pool.map(_pixels, list(images)), strict=True):
+        if not groups or len(groups[-1]) >= batch or pixels + n > PIXELS_IN_FLIGHT:
+            groups.append([])
+            pixels = 0
+        groups[-1].append(job)
+        pixels += n
+    return groups
 
 
 # --------------------------------------------------------------------------
@@ -244,19 +222,16 @@ class RunSummary:
 def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int = 1, temporal: bool = False,
              progress: Progress | None = None) -> RunSummary:
     """Run planned jobs (already reduced to what is still to do): images in batches, then videos."""
-    from modnet_npu.matting.video import process_video
-
     progress = progress or Progress()
     failed = done = frames = 0
     started = time.perf_counter()
     images = [j for j in jobs if j.kind == "image"]
     with IoPool() as pool:
-        for i in range(0, len(images), batch):
-            group = images[i : i + batch]
+        for group in _groups(images, batch, pool):
             for _job, problem in process_image_batch(matter, group, background, pool):
                 if problem:
                     failed += 1
-                    progress.error(problem)
+                    progress.error(one_line(problem))  # a library message may span lines
                 else:
                     done += 1
             progress.files(len(group))
@@ -265,9 +240,10 @@ def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int
             frames += process_video(matter, job, background, batch, temporal, on_frames=progress.frames,
                                     on_total=lambda n, job=job: progress.video_started(job, n))
             done += 1
-        except (ImageReadError, ValueError, OSError) as exc:
+        except (ImageReadError, ValueError, OSError, MemoryError, OrtRunError) as exc:
             failed += 1
-            progress.error(str(exc) if job.source in str(exc) else f"{job.source}: {exc}")
+            why = f"ran {_OUT_OF_MEMORY}" if isinstance(exc, MemoryError) else str(exc)
+            progress.error(one_line(why if job.source in why else f"{job.source}: {why}"))
         finally:
             progress.video_finished()
         progress.files(1)

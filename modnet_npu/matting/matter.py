@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from modnet_npu.errors import ModnetError
 from modnet_npu.runtime.engines import choose_backend, open_engine
 from modnet_npu.matting.imaging import (
     MAX_MODEL_SIDE,
@@ -35,6 +36,13 @@ from modnet_npu.matting.imaging import (
 from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, resolve_or_fallback
 
 MODES = ("matte", "cutout", "composite")
+
+
+class NonFiniteMatteError(ModnetError, ValueError):
+    """The model's output holds NaN or Inf (broken weights, a half-precision overflow): no matte to write.
+
+    Checked on the raw output, before resizing and clipping would turn Inf into a plausible 0 or 1.
+    """
 
 
 class Matter:
@@ -92,7 +100,10 @@ class Matter:
     def infer_batch(self, images: Sequence[np.ndarray], size: Size) -> list[np.ndarray]:
         """Float mattes, at each image's own size, for uint8 RGB images all inferred at model input ``size``."""
         x = np.stack([normalize(resize_rgb(rgb, size)) for rgb in images])
-        return [matte_to_size(alpha, rgb.shape[:2]) for rgb, alpha in zip(images, self.engine.infer(x))]
+        raw = self.engine.infer(x)
+        if not np.isfinite(raw).all():
+            raise NonFiniteMatteError("the model produced NaN or Inf values, not a matte (is the model file broken?)")
+        return [matte_to_size(alpha, rgb.shape[:2]) for rgb, alpha in zip(images, raw)]
 
     def mattes(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Float mattes for uint8 RGB images; images that share a model size run as one batch."""

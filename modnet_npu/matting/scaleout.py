@@ -32,6 +32,7 @@ import numpy as np
 from modnet_npu import REPO_ROOT
 from modnet_npu.runtime.engines import BACKEND_CHOICES
 from modnet_npu.errors import ModnetError
+from modnet_npu.fileio import temp_affixes
 from modnet_npu.matting.jobs import Job, Progress, RunSummary, load_job, save_job
 from modnet_npu.model.precision import check as check_precision
 
@@ -481,8 +482,7 @@ def _remove_partials(jobs: Sequence[Job]) -> None:
     wanted: dict[str, set[tuple[str, str]]] = {}
     for job in jobs:
         for path in job.outputs.values():
-            base, ext = os.path.splitext(os.path.basename(path))
-            wanted.setdefault(os.path.dirname(os.path.abspath(path)), set()).add((f".{base}.", f".part{ext}"))
+            wanted.setdefault(os.path.dirname(os.path.abspath(path)), set()).add(temp_affixes(path))
     for folder, names in wanted.items():
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):

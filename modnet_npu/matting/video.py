@@ -15,7 +15,7 @@ import numpy as np
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
 from modnet_npu.matting.imaging import ImageReadError, make_background, one_frame_delay
-from modnet_npu.matting.jobs import Job
+from modnet_npu.matting.plan import Job
 from modnet_npu.matting.matter import Matter, render
 
 
@@ -149,15 +149,30 @@ def _open_writers(stack: contextlib.ExitStack, job: Job, vs, audio) -> dict[str,
     return writers
 
 
-def _decoded(src, vs, audio, writers: dict[str, _VideoWriter], batch: int) -> Iterator[list[tuple]]:
+class ResolutionChangeError(ImageReadError):
+    """A video whose frames change size mid-stream: an input this tool does not take (its outputs
+    have one size), told apart from a failed write."""
+
+
+def _check_size(source: str, frame, size: tuple[int, int], index: int) -> None:
+    if (frame.width, frame.height) != size:
+        raise ResolutionChangeError(
+            f"{source}: the resolution changes mid-stream (frame {index + 1} is {frame.width}x{frame.height}, "
+            f"the video {size[0]}x{size[1]}); videos of one resolution only (split it, or scale it with ffmpeg first)")
+
+
+def _decoded(src, vs, audio, writers: dict[str, _VideoWriter], batch: int, source: str) -> Iterator[list[tuple]]:
     """Batches of (frame, rgb) from the video stream; audio frames go straight to the writers."""
     pending = []
+    size, index = (vs.codec_context.width, vs.codec_context.height), 0
     for packet in src.demux(*[s for s in (vs, audio) if s is not None]):
         for frame in packet.decode():
             if packet.stream.type == "audio":
                 for w in writers.values():
                     w.write_audio(frame)
                 continue
+            _check_size(source, frame, size, index)
+            index += 1
             pending.append((frame, frame.to_ndarray(format="rgb24")))
             if len(pending) >= batch:
                 yield pending
@@ -200,8 +215,10 @@ def process_video(
 
     Same frame rate, frame count and timestamps as the source; the audio track
     is carried over (re-encoded as AAC); frames are inferred in batches. An input
-    that cannot be read raises ImageReadError; an output that cannot be written,
-    VideoWriteError naming it; either way no partial output is left.
+    that cannot be read raises ImageReadError (ResolutionChangeError when its
+    frames change size mid-stream: the outputs have one size); an output that
+    cannot be written, VideoWriteError naming it; a model output that is not
+    finite, NonFiniteMatteError; in every case no partial output is left.
     """
     src = _open_source(job.source)
     with src, contextlib.ExitStack() as stack:
@@ -214,7 +231,7 @@ def process_video(
         bg = background if background == "blur" else make_background(background, np.zeros((height, width, 3), np.uint8))
         count = 0
         with _decoding(job.source):
-            for frame, rgb, alpha in _smoothed(_matted(matter, _decoded(src, vs, audio, writers, batch), on_frames),
+            for frame, rgb, alpha in _smoothed(_matted(matter, _decoded(src, vs, audio, writers, batch, job.source), on_frames),
                                                temporal):
                 for mode, w in writers.items():
                     w.write(render(mode, rgb, alpha, bg), frame.pts, frame.time_base)

@@ -267,7 +267,7 @@ def _ms(v: float) -> str:
 
 
 def accuracy_table(acc: Accuracy) -> str:
-    psnr = f"{acc.psnr_db:.1f} dB" if math.isfinite(acc.psnr_db) else "inf"
+    psnr = f"{acc.psnr_db:.1f} dB" if math.isfinite(acc.psnr_db) else jsonable(acc.psnr_db)  # as the JSON says
     return markdown_table([
         ("parity (float)", "value", "threshold", "result"),
         ("MAE", f"{acc.mae:.3g}", f"< {acc.thresholds['mae']:g}", "PASS" if acc.passed else "FAIL"),

@@ -16,6 +16,7 @@ decides ``auto``.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import replace
 from typing import Callable, Protocol
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.acceleration import FastPathStats, make_runner
 from modnet_npu.matting.imaging import Size
@@ -68,10 +70,35 @@ def ort_session(path: str | bytes, threads: int = 0, *, optimization: str = "all
     so.intra_op_num_threads = default_threads(threads)
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, told in one line
     if optimization == "none":
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own types derive from Exception only
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise OrtLoadError(f"ONNX Runtime cannot load {_model_name(path)}: {_ort_reason(exc)}") from None
+
+
+class OrtLoadError(ModnetError):
+    """A model file ONNX Runtime refuses (an input declared float16, an unreleased opset ...): one line."""
+
+
+class OrtRunError(ModnetError):
+    """ONNX Runtime failed running the model on an input (its arena out of memory at a large size ...)."""
+
+
+def _model_name(path: str | bytes) -> str:
+    return "the model" if isinstance(path, bytes) else str(path)
+
+
+def _ort_reason(exc: Exception) -> str:
+    """ONNX Runtime's message without its error-code prefix and C++ source location."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip())
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    text = re.sub(r"/\S+:\d+ [^(]*\([^)]*\) ?", "", text)  # its C++ file, line and function
+    return " ".join(text.split())  # one line
 
 
 class OrtEngine:
@@ -99,7 +126,12 @@ class OrtEngine:
         """The graph's own output ``(N, 1, h, w)``; a fixed-batch graph takes a batch image by image."""
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
             return np.concatenate([self.run(x[i : i + 1]) for i in range(x.shape[0])])
-        return self.session.run(None, {self.input_name: x})[0]
+        try:
+            return self.session.run(None, {self.input_name: x})[0]
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise OrtRunError(f"ONNX Runtime failed at input {x.shape[2]}x{x.shape[3]}: {_ort_reason(exc)}") from None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self.run(x)[:, 0]
