@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from modnet_npu.fileio import is_temp_name, write_image
+from modnet_npu.fileio import is_temp_name
+from modnet_npu.matting import codec
 from modnet_npu.matting.imaging import ImageReadError, load_image
 from modnet_npu.matting.matter import MODES, Matter, render
 
@@ -128,13 +129,8 @@ def still_to_do(job: Job, overwrite: bool) -> Job | None:
 
 
 def save_output(path: str, array: np.ndarray) -> None:
-    from PIL import Image
-
-    img = Image.fromarray(array)
-    args = {"quality": 95} if path.lower().endswith((".jpg", ".jpeg", ".webp")) else {}
-    if path.lower().endswith(".webp") and array.ndim == 3 and array.shape[2] == 4:
-        args = {"lossless": True}
-    write_image(path, img, **args)
+    """Write one output atomically, encoded as its extension asks (``codec``: the one encoder)."""
+    codec.save(path, array)
 
 
 def load_job(job: Job) -> tuple[Job, np.ndarray | None, str | None]:
