@@ -136,7 +136,7 @@ def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, siz
         "per_image_ms": {"batch_1": times[1], f"batch_{batch}": times[batch]},
         "median_per_image_ms": {"batch_1": med1, f"batch_{batch}": medb},
         "speedup": med1 / medb,
-        "noise": probe.result.as_dict(),
+        "noise": probe.result.to_dict(),
     }
 
 
@@ -237,7 +237,7 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
             with torch.inference_mode(), NoiseProbe(threads) as probe:
                 times = interleaved(engines, runs=runs, warmup=warmup, sync=lambda: devices.synchronize(device))
             note = _drop_uncaptured(times, captured, f"{size}x{size} batch {batch}", log)
-            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.as_dict()) | {"note": note}
+            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.to_dict()) | {"note": note}
             results.append(row)
             ref = row["median_ms"].get("ort_cpu")
             log(f"  {size}x{size} batch {batch}: " + ", ".join(
@@ -304,7 +304,7 @@ def probe_pipeline_timing(model: str, image: str, runs: int, warmup: int, thread
                             warmup=warmup, rotate=False)
     engine.close()
     return {"threads": threads, "torch_threads": torch.get_num_threads(), "size": list(size),
-            "ort_ms": times["ort"], "torch_ms": times["torch"], "noise": probe.result.as_dict()}
+            "ort_ms": times["ort"], "torch_ms": times["torch"], "noise": probe.result.to_dict()}
 
 
 # one core's worth of work, which ends by itself when its parent goes (even killed)

@@ -57,7 +57,7 @@ def test_engine_sets_the_npu_up_before_the_model_reaches_it():
     assert probe.at_move["current"] == 1 and "set_device" in probe.at_move["calls"]
     assert "ACL_PRECISION_MODE" not in probe.at_move["options"]  # inference keeps the device's HF32 default
     assert settings.current == 1 and settings.in_force["ALLOW_INTERNAL_FORMAT"] == "disable"
-    assert engine.describe == "graph capture" and engine.description == "PyTorch on npu:1 (fp32; graph capture)"
+    assert engine.fast_path == "graph capture" and engine.description == "PyTorch on npu:1 (fp32; graph capture)"
 
 
 def test_engine_strict_fp32_is_in_force_before_the_first_forward():
@@ -105,7 +105,7 @@ def test_engine_graphs_auto_reports_failed_captures():
         for _ in range(3):
             assert torch.equal(engine.runner(x), x * 2)
         stats = engine.fast_path_stats()
-    assert engine.describe == "graph capture failed (eager)"
+    assert engine.fast_path == "graph capture failed (eager)"
     assert stats.captures == 0 and "aclop" in stats.capture_failures["1x3x4x4 float32"]
     assert len(logged) == 1
 
@@ -136,7 +136,7 @@ def test_engine_on_the_cpu_reports_its_fast_path():
     finally:
         engine.close()
     assert out.shape == (2, 8, 8)
-    assert stats.pieces == ("batch-parallel x2",) and stats.as_dict()["captures"] == 0
+    assert stats.pieces == ("batch-parallel x2",) and stats.to_dict()["captures"] == 0
     assert engine.device_settings() == devices.DeviceSettings("cpu")
 
 

@@ -203,7 +203,7 @@ def step_device(opts: Options, converted: Converted, size: Size, say: _Steps) ->
     engine = TorchEngine(model, device, precision=opts.precision, strict_fp32=True, compile=opts.compile,
                          graphs=opts.graphs, threads=opts.threads, log=say.detail)
     say.detail(f"model form {opts.model_form} ({operators[opts.model_form]['kernels']} kernel launches per "
-               f"forward); fast path: {engine.describe}")
+               f"forward); fast path: {engine.fast_path}")
     return DeviceSetup(device, env, engine, operators)
 
 
@@ -247,7 +247,7 @@ def _accuracy(opts: Options, summary: ParitySummary, dev: DeviceSetup, bounds: T
     worst = summary.worst
     extra: dict = {}
     if len(summary.results) > 1 or opts.alphas:
-        extra["per_image"] = [r.entry() for r in summary.results]
+        extra["per_image"] = [r.to_dict() for r in summary.results]
         extra["aggregate"] = summary.aggregate()
     if rep is not None:
         extra["layerwise"] = {"layers_compared": rep.layers_compared, "first_divergence": rep.first_divergence,
@@ -256,7 +256,7 @@ def _accuracy(opts: Options, summary: ParitySummary, dev: DeviceSetup, bounds: T
     return Accuracy(**asdict(worst.floats), png=worst.png, thresholds={"mae": bounds.mae, "max_error": bounds.max_error},
                     passed=summary.passed, precision=opts.precision,
                     # read back after the device ran: CANN applies some options only at device start
-                    device_settings=dev.engine.device_settings().as_dict(), extra=extra)
+                    device_settings=dev.engine.device_settings().to_dict(), extra=extra)
 
 
 def step_parity(opts: Options, src: ModelSource, analysis: Analysis, dev: DeviceSetup, ort: OrtEngine,
@@ -309,9 +309,9 @@ def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarra
         throughput = [_throughput(ort, engine, x, b, opts.runs) for b in opts.batch_sizes]
     performance = Performance(
         ort_cpu=latency_stats(times["ort"]), torch=latency_stats(times["torch"]), device_type=dev.device.type,
-        throughput=throughput, threads=threads, model_form=opts.model_form, fast_path=engine.describe,
+        throughput=throughput, threads=threads, model_form=opts.model_form, fast_path=engine.fast_path,
         operators=dev.operators,
-        extra={"fast_path_details": engine.fast_path_stats().as_dict(), **probe.result.as_dict()},
+        extra={"fast_path_details": engine.fast_path_stats().to_dict(), **probe.result.to_dict()},
     )
     mem = memory(devices.peak_memory_mb(dev.device), *devices.process_rss_mb())
     say.detail(f"ORT CPU median {performance.ort_cpu.median_ms:.2f} ms, PyTorch {dev.device.type} median "

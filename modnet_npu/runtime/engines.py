@@ -35,7 +35,8 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 
 class Engine(Protocol):
     name: str
-    description: str
+    description: str  # the engine in words
+    fast_path: str  # what speeds its forward up
     fixed_size: Size | None
 
     def infer(self, x: np.ndarray) -> np.ndarray: ...
@@ -78,6 +79,7 @@ class OrtEngine:
     """ONNX Runtime on the CPU, on the ONNX file itself."""
 
     name = "ort"
+    fast_path = "onnxruntime"
 
     def __init__(self, onnx_path: str, *, threads: int = 0, validate: bool = True) -> None:
         if validate:
@@ -151,13 +153,14 @@ class TorchEngine:
                                   threads=default_threads(threads), log=log)
 
     @property
-    def describe(self) -> str:
-        """The fast path's pieces, saying so when graph captures failed."""
+    def fast_path(self) -> str:
+        """The fast path's pieces, saying so when graph captures failed (``eager`` when none)."""
         return self.runner.describe
 
     @property
     def description(self) -> str:
-        return f"PyTorch on {self.device} ({self.precision}; {self.describe})"
+        """The engine in words: device, precision and fast path."""
+        return f"PyTorch on {self.device} ({self.precision}; {self.fast_path})"
 
     def fast_path_stats(self) -> FastPathStats:
         """Graph captures, replays and failures (with reasons), compilations: what the fast path did so far."""

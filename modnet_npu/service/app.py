@@ -608,7 +608,7 @@ def _engine_info(matter: Matter) -> dict[str, Any]:
         "backend": engine.name,
         "device": str(getattr(engine, "device", "cpu")),
         "precision": getattr(engine, "precision", "fp32"),
-        "fast_path": getattr(engine, "describe", "onnxruntime"),
+        "fast_path": engine.fast_path,
         "engine": engine.description,
         "model_size": _size_text(matter),
     }
