@@ -149,10 +149,10 @@ def test_matting_on_npu_1_readies_device_1_before_the_model_reaches_it(monkeypat
         probe = Probe(npu)
         built = []
         monkeypatch.setattr(convert_onnx_to_torch, "build_torch_model_from_onnx",
-                            lambda path, device=None: built.append(device) or probe)
+                            lambda path, device=None, optimize=True: built.append(device) or probe)
         # CPU torch cannot make torch.device("npu", 1); select_device's own checks are in test_devices
         monkeypatch.setattr(devices, "select_device", lambda spec: fake_device(int(spec.partition(":")[2] or 0)))
-        matter = Matter(webnn_file, backend="torch", device="npu:1", graphs="off")
+        matter = Matter(model=webnn_file, backend="torch", device="npu:1", graphs="off")
     assert built == [None]  # built on the CPU, moved by the engine once the device is ready
     assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable" and probe.at_move["current"] == 1
     assert matter.engine.description == "PyTorch on npu:1 (fp32; eager)"
