@@ -162,9 +162,12 @@ def test_matter_takes_the_options_or_keywords_not_positions():
         Matter(threads=-2)
 
 
-def test_the_threads_help_says_the_one_policy():
+def test_threads_0_means_the_free_cpus_in_the_engines_too(monkeypatch):
+    """One policy: an engine given 0 threads asks process_setup (the CPUs free now), not os.cpu_count()."""
     from modnet_npu.runtime import engines, process_setup
 
     assert "0 = automatic: the CPUs other processes leave free" in engine_options.THREADS_HELP
-    assert engines.default_threads(1) == 1
-    assert engines.default_threads(10_000) == process_setup.effective_threads(10_000)  # clamped alike
+    monkeypatch.setattr(process_setup, "free_cpus", lambda interval_s=0.3: 1)  # a machine whose other CPUs are busy
+    monkeypatch.setattr(process_setup, "usable_cpus", lambda: 64)
+    assert engines.default_threads(0) == 1
+    assert engines.default_threads(3) == 3 and engines.default_threads(1000) == 64  # clamped to the CPUs
