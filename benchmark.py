@@ -45,12 +45,23 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from modnet_npu.cli import Parser, run_command
+from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import write_json
 from modnet_npu.proof.timing import NoiseProbe, usable_cpus
-from modnet_npu.cli import HelpFormatter
+from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE = os.path.join(ROOT, "assets", "portrait_astronaut.jpg")
+# The engine options that apply to the suites (the model is --model below: a file, or the generated one),
+# with the benchmarks' own defaults: PyTorch on the CPU.
+BENCH_ENGINE = EngineOptions(backend="torch", device="cpu", models_dir=os.path.join(ROOT, "models"))
+_NOT_ENGINE = ("model", "sha256", "offline", "allow_synthetic", "precision", "model_form", "size", "max_side",
+               "compile", "graphs", "strict_fp32")
+
+
+class BenchmarkError(ModnetError, RuntimeError):
+    """A suite that could not run (a server or a probe process that failed, an engine error): one line."""
 
 
 def repo_relative(path: str) -> str:
@@ -112,7 +123,7 @@ def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, siz
     from modnet_npu.matting.jobs import plan_jobs, process_image_batch
     from modnet_npu.matting.matter import Matter
 
-    matter = Matter(model, backend=backend, device="cpu", size=size, threads=threads)
+    matter = Matter(model=model, backend=backend, device="cpu", size=size, threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         _image_folder(image, os.path.join(tmp, "in"), count)
         jobs = plan_jobs([os.path.join(tmp, "in")], os.path.join(tmp, "out"), ["matte"], "png", False).jobs
@@ -136,7 +147,7 @@ def suite_batch(model: str, image: str, count: int, batch: int, rounds: int, siz
         "per_image_ms": {"batch_1": times[1], f"batch_{batch}": times[batch]},
         "median_per_image_ms": {"batch_1": med1, f"batch_{batch}": medb},
         "speedup": med1 / medb,
-        "noise": probe.result.as_dict(),
+        "noise": probe.result.to_dict(),
     }
 
 
@@ -237,7 +248,7 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
             with torch.inference_mode(), NoiseProbe(threads) as probe:
                 times = interleaved(engines, runs=runs, warmup=warmup, sync=lambda: devices.synchronize(device))
             note = _drop_uncaptured(times, captured, f"{size}x{size} batch {batch}", log)
-            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.as_dict()) | {"note": note}
+            row = _engines_row(size, batch, runs, times, compile_s, ops, probe.result.to_dict()) | {"note": note}
             results.append(row)
             ref = row["median_ms"].get("ort_cpu")
             log(f"  {size}x{size} batch {batch}: " + ", ".join(
@@ -304,7 +315,7 @@ def probe_pipeline_timing(model: str, image: str, runs: int, warmup: int, thread
                             warmup=warmup, rotate=False)
     engine.close()
     return {"threads": threads, "torch_threads": torch.get_num_threads(), "size": list(size),
-            "ort_ms": times["ort"], "torch_ms": times["torch"], "noise": probe.result.as_dict()}
+            "ort_ms": times["ort"], "torch_ms": times["torch"], "noise": probe.result.to_dict()}
 
 
 # one core's worth of work, which ends by itself when its parent goes (even killed)
@@ -438,22 +449,18 @@ def format_busy(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "probe"],
                    help="what to measure (probe: one process of the busy suite)")
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")
-    p.add_argument("--models-dir", default=os.path.join(ROOT, "models"))
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the picture benchmarked")
     p.add_argument("--count", type=int, default=16, help="batch and ray suites: images in the folder")
     p.add_argument("--batch", type=int, default=8, help="batch suite: the batch compared with 1")
     p.add_argument("--size", type=int, default=512, help="batch, serve and ray suites: model input short side")
-    p.add_argument("--backend", default="torch", help="batch, serve and ray suites: inference backend")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (timed runs per engine)")
     p.add_argument("--warmup", type=int, default=2, help="engines and busy suites: untimed runs per engine")
     p.add_argument("--sizes", default="256,512", help="engines suite: square input sizes")
     p.add_argument("--batches", default="1,8", help="engines suite: batch sizes")
-    p.add_argument("--device", default="cpu", help="engines suite: PyTorch device (auto|npu|cuda|mps|cpu)")
     p.add_argument("--no-compile", action="store_true", help="engines suite: leave out the compiled model")
     p.add_argument("--graphs", choices=("on", "off"), default="on", help="engines suite: graph capture on accelerators")
     p.add_argument("--options", default=",".join(BUSY_OPTIONS), help="busy suite: CPU set-ups compared")
@@ -462,17 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="busy suite: before each block wait up to this many seconds for other work to stop")
     p.add_argument("--loads", default="quiet,busy", help="busy suite: quiet (nothing added), busy (a CPU-bound "
                    "process beside)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for every engine (0 = the CPUs free now; more than the CPUs is clamped)")
     p.add_argument("--clients", default="1,4,8", help="serve suite: concurrent clients, comma-separated")
     p.add_argument("--requests", type=int, default=4, help="serve suite: requests per client per round")
     p.add_argument("--window-ms", type=float, default=5.0, help="serve suite: the batching server's --batch-window-ms")
     p.add_argument("--json", default=None, help="also write the results here")
+    add_engine_arguments(p, omit=_NOT_ENGINE, defaults=BENCH_ENGINE, help={
+        "backend": "batch, serve and ray suites: inference backend",
+        "device": "engines and serve suites: PyTorch device (auto|npu|npu:N|cuda|cuda:N|mps|cpu)",
+        "threads": "CPU threads for every engine (0 = automatic: the CPUs other processes leave free at the "
+                   "start; more than this process may use is clamped)",
+    })
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    engine_options_from(args, base=BENCH_ENGINE)  # every engine option checked before anything runs
     from modnet_npu.runtime.process_setup import setup_process
 
     # before any torch import here: bounds OpenMP's spin-waiting (a no-op when torch is already loaded)
@@ -480,9 +491,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.threads = settings.threads
     try:
         return _run(args, argv)
-    except (OSError, ValueError, RuntimeError) as exc:  # bad model, device or image: one line
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except RuntimeError as exc:  # a server or probe that failed, an engine's own error: one line, not a traceback
+        if isinstance(exc, ModnetError):
+            raise
+        raise BenchmarkError(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the suite, print; every failure one ``error:`` line and the shared exit status (``modnet_npu.cli``)."""
+    return run_command(build_parser(), lambda args: _main(args, argv), argv)
 
 
 def _suite(args: argparse.Namespace, model: str) -> tuple[dict, str]:

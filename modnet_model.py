@@ -1,6 +1,6 @@
 """MODNet in PyTorch, top-down like the paper's figure, with the official module names.
 
-The model lives in ``modnet_npu.model.modnet`` (its inference form beside it, in
+The model lives in ``modnet_npu.model.modnet`` (its optimized form beside it, in
 ``modnet_npu.model.optimized``); this file keeps the brief's import path::
 
     from modnet_model import MODNet, load_checkpoint

@@ -21,22 +21,25 @@ if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinnin
 import argparse
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Sequence
 
-from modnet_npu.runtime import devices
+from modnet_npu.cli import Parser, run_command
 from modnet_npu.conversion.convert import build_torch_model_from_onnx
-from modnet_npu.errors import ModnetError
+from modnet_npu.errors import UsageError
 from modnet_npu.fileio import check_output_folder
 from modnet_npu.matting.imaging import parse_size_spec, postprocess, preprocess
 from modnet_npu.proof.layerwise import compare_layers
-from modnet_npu.proof.pipeline import Options, banner, run
-from modnet_npu.model.precision import PRECISIONS
+from modnet_npu.proof.pipeline import ENGINE_DEFAULTS, Options, banner, run
 from modnet_npu.proof.report import summary_table
-from modnet_npu.cli import HelpFormatter
 from modnet_npu.routes import ROUTE_PRECISIONS, parse_routes
+from modnet_npu.runtime.options import DEVICE_CHOICES, add_engine_arguments, engine_options_from
 
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
+
+# Engine options that do not apply: both engines run; the model input sizes are --size/--sizes below; the
+# parity run is always strict fp32; --no-synthetic-fallback says the opposite of --allow-synthetic.
+_NOT_ENGINE = ("backend", "size", "max_side", "strict_fp32", "allow_synthetic")
 
 
 def _positive_int(text: str) -> int:
@@ -85,14 +88,19 @@ def _add_route_options(p: argparse.ArgumentParser, d: Options) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
-    p = argparse.ArgumentParser(
-        description="Convert MODNet ONNX to PyTorch, verify it against ONNX Runtime, benchmark, and report.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--model", default=d.model, help="local .onnx path, http(s) URL, or model id")
-    p.add_argument("--sha256", default=None, help="expected sha256 of the model file (known for the default id)")
-    p.add_argument("--models-dir", default=d.models_dir, help="download cache")
-    p.add_argument("--offline", action="store_true", help="never download; use the cache or the generated model")
+    p = Parser(description="Convert MODNet ONNX to PyTorch, verify it against ONNX Runtime, benchmark, and report.")
+    add_engine_arguments(p, omit=_NOT_ENGINE, defaults=ENGINE_DEFAULTS, help={
+        "offline": "never download; use the cache or the generated model",
+        "device": f"the PyTorch side's device: {DEVICE_CHOICES}",
+        "precision": "PyTorch-side precision",
+        "model_form": "PyTorch model measured: the optimized model (BatchNorms folded, fewer launches) or the "
+                      "faithful module-for-module port",
+        "threads": "CPU threads for both engines (0 = automatic: the CPUs other processes leave free at the start; "
+                   "more than this process may use is clamped)",
+        "compile": "compile the PyTorch side: AOTInductor on CPU/CUDA (packages cached in models/.compile-cache, "
+                   "so only the first run per input shape pays), torchair on NPU",
+        "graphs": "graph capture of fixed shapes on CUDA/NPU (auto: where available)",
+    })
     p.add_argument("--no-synthetic-fallback", action="store_true",
                    help="fail instead of using a generated model when the default model id cannot be downloaded")
     p.add_argument("--image", action="append", default=None,
@@ -111,20 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layerwise.json and layerwise.png")
     p.add_argument("--layer-threshold", type=float, default=None,
                    help="relative error that marks a layer's divergence (default 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
-    p.add_argument("--device", default=d.device, help=devices.DEVICE_CHOICES)
-    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision, help="PyTorch-side precision")
     p.add_argument("--runs", type=_positive_int, default=d.runs, help="timed runs per engine")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up runs per engine")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=d.batch_sizes, help="throughput batch sizes, e.g. 1,8")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for both engines (0 = the CPUs other processes leave free at the start; clamped to the CPUs)")
-    p.add_argument("--model-form", choices=("optimized", "faithful"), default=d.model_form,
-                   help="PyTorch model measured: the inference form (BatchNorms folded, fewer launches) or the "
-                        "module-for-module port")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the PyTorch side: AOTInductor on CPU/CUDA (packages cached in models/.compile-cache, "
-                        "so only the first run per input shape pays), torchair on NPU")
-    p.add_argument("--graphs", choices=("auto", "on", "off"), default=d.graphs,
-                   help="graph capture of fixed shapes on CUDA/NPU (auto: where available)")
     p.add_argument("--mae-threshold", type=float, default=None,
                    help="parity passes below this MAE (default 1e-3 for fp32, 2e-3 for fp16, 1e-2 for bf16)")
     p.add_argument("--max-threshold", type=float, default=d.max_threshold, help="parity passes below this max error")
@@ -136,49 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    """Options from parsed arguments, every value checked now (before any slow step); ValueError otherwise."""
+    """Options from parsed arguments, every value checked now (before any slow step); UsageError otherwise."""
+    engine = engine_options_from(args, base=replace(ENGINE_DEFAULTS, allow_synthetic=not args.no_synthetic_fallback))
     sizes = tuple(s.strip() for s in (args.sizes or "").split(",") if s.strip())
-    for spec in ([args.size] if args.size is not None else []) + list(sizes):
-        parse_size_spec(spec)
-    if args.sizes is not None and not sizes:
-        raise ValueError("--sizes needs at least one size, e.g. 256,512")
-    if args.layer_threshold is not None and not args.layer_threshold > 0:
-        raise ValueError(f"--layer-threshold must be positive, got {args.layer_threshold}")
-    if args.alphas is not None and not os.path.isdir(args.alphas):
-        raise ValueError(f"--alphas {args.alphas}: not a folder")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be 0 (all cores) or more, got {args.threads}")
-    if not args.output_dir.strip():
-        raise ValueError("--output-dir must not be empty")
-    check_output_folder(args.output_dir)  # a file, /dev/null, /proc: refused now, not at the last step
-    special = {"image", "images", "sizes"}
-    given = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name) and f.name not in special}
-    images = tuple(args.image or ())
-    return Options(**given, synthetic_fallback=not args.no_synthetic_fallback, images=images,
-                   image_dirs=tuple(args.images or ()), sizes=sizes)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        opts = options_from(args)
+        for spec in ([args.size] if args.size is not None else []) + list(sizes):
+            parse_size_spec(spec)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from modnet_npu.runtime.process_setup import setup_process
+        raise UsageError(str(exc)) from None
+    if args.sizes is not None and not sizes:
+        raise UsageError("--sizes needs at least one size, e.g. 256,512")
+    if args.layer_threshold is not None and not args.layer_threshold > 0:
+        raise UsageError(f"--layer-threshold must be positive, got {args.layer_threshold}")
+    if args.alphas is not None and not os.path.isdir(args.alphas):
+        raise UsageError(f"--alphas {args.alphas}: not a folder")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    if not args.output_dir.strip():
+        raise UsageError("--output-dir must not be empty")
+    check_output_folder(args.output_dir)  # a file, /dev/null, /proc: refused now, not at the last step
+    return Options(engine=engine, images=tuple(args.image or ()),
+                   image_dirs=tuple(args.images or ()), size=args.size, sizes=sizes, alphas=args.alphas,
+                   layerwise=args.layerwise, layer_threshold=args.layer_threshold, runs=args.runs,
+                   warmup=args.warmup, batch_sizes=args.batch_sizes, mae_threshold=args.mae_threshold,
+                   max_threshold=args.max_threshold, output_dir=args.output_dir, timeout=args.timeout,
+                   retries=args.retries, routes=args.routes, soc_version=args.soc_version,
+                   route_precision=args.route_precision)
 
-    settings = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"))
-    opts = replace(opts, threads=settings.threads)  # the effective count (0 = the CPUs free now; clamped)
-    try:
-        outcome = run(opts)
-    except (ModnetError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial outputs were left", file=sys.stderr)
-        return 130
+
+def _print_outcome(outcome, output_dir: str) -> int:
     report = outcome.report
     print()
     print(summary_table(report))
@@ -186,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nlayer by layer (the ten worst; first divergence: {outcome.layerwise.first_divergence or 'none'}, "
               f"worst local error: {outcome.layerwise.worst_local}):")
         print(outcome.layerwise.worst_table(10))
-    print(f"\nwrote {', '.join(report.outputs)} to {opts.output_dir}")
+    print(f"\nwrote {', '.join(report.outputs)} to {output_dir}")
     if report.model.warning:
         print(banner(report.model.warning + " (recorded in evaluation_report.json)"))
     if not report.accuracy.passed:
@@ -200,6 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               "ONNX Runtime CPU beyond the thresholds (see the routes table)", file=sys.stderr)
         return 2
     return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    opts = options_from(args)
+    from modnet_npu.runtime.process_setup import setup_process
+
+    e = opts.engine
+    settings = setup_process(threads=e.threads, compile_cache_dir=os.path.join(e.models_dir, ".compile-cache"))
+    # the effective count (0 = the CPUs free now; clamped)
+    opts = replace(opts, engine=replace(e, threads=settings.threads))
+    return _print_outcome(run(opts), opts.output_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the pipeline, print; every failure one ``error:`` line and the shared exit status
+    (``modnet_npu.cli``); a parity failure exits 2 after the report is written."""
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

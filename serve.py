@@ -24,32 +24,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Sequence
 
-from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR
-from modnet_npu.cli import HelpFormatter
-
-BACKEND_CHOICES = ("auto", "torch", "ort")  # engines.BACKEND_CHOICES, without importing torch before set-up
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What opens the model: ``inference.py``'s engine options."""
-
-    model: str
-    backend: str
-    device: str
-    precision: str
-    size: str
-    threads: int
-    models_dir: str
-    sha256: str | None
-    offline: bool
-    allow_synthetic: bool
-    compile: bool
-    graphs: str
+from modnet_npu.cli import Parser, report
+from modnet_npu.errors import UsageError
+from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
 
 
 def _number(kind: type, low: float, *, above: bool = False):
@@ -71,29 +51,15 @@ def _megabytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MODNet portrait matting over HTTP: a web page and an API "
-                                            "(rembg-compatible routes included), batched across requests.",
-                                formatter_class=HelpFormatter)
+    p = Parser(description="MODNet portrait matting over HTTP: a web page and an API "
+                           "(rembg-compatible routes included), batched across requests.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_number(int, 0), default=7000, help="port (0: any free one, printed at start)")
-    e = p.add_argument_group("engine (as inference.py)")
-    e.add_argument("--model", default=DEFAULT_MODEL_ID, help="local .onnx path, http(s) URL, or model id")
-    e.add_argument("--sha256", default=None, help="expected sha256 of the model file")
-    e.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help="download cache")
-    e.add_argument("--offline", action="store_true", help="never download")
-    e.add_argument("--allow-synthetic", action="store_true",
-                   help="when the default model cannot be downloaded, use a generated one (meaningless mattes; "
-                        "for testing; /api/info and the page say so)")
-    e.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                   help="auto = PyTorch on an accelerator, ONNX Runtime on a CPU-only machine")
-    e.add_argument("--device", default="auto", help="auto|npu[:N]|cuda[:N]|mps|cpu (torch backend)")
-    e.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help="torch backend precision")
-    e.add_argument("--compile", action="store_true", help="torch backend: compile the model")
-    e.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
-                   help="torch backend: graph capture of repeated shapes on CUDA/NPU")
-    e.add_argument("--size", default="auto", help="model input: auto, N (short side) or HxW; a request's size "
-                                                  "parameter overrides it")
-    e.add_argument("--threads", type=_number(int, 0), default=0, help="CPU threads for inference (0: the free cores)")
+    add_engine_arguments(p, title="engine (as inference.py)", help={
+        "allow_synthetic": "when the default model cannot be downloaded, use a generated one (meaningless mattes; "
+                           "for testing; /api/info and the page say so)",
+        "size": "model input: auto (MODNet's rule), N (short side) or HxW; a request's size parameter overrides it",
+    })
     s = p.add_argument_group("batching and limits")
     s.add_argument("--batch-window-ms", type=_number(float, 0), default=5.0,
                    help="how long a request waits for others of its model input size (0: no waiting)")
@@ -126,12 +92,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _open_matter(opts: EngineOptions, size_spec: object):
+def _open_matter(opts: EngineOptions):
     from modnet_npu.matting.matter import Matter
 
-    engine_log = logging.getLogger("modnet.serve").info
-    return Matter(opts.model, opts.backend, opts.device, opts.precision, size_spec, opts.threads, opts.models_dir,
-                  opts.sha256, opts.offline, opts.allow_synthetic, opts.compile, opts.graphs, log=engine_log)
+    return Matter(opts, log=logging.getLogger("modnet.serve").info)
 
 
 def _settings(args: argparse.Namespace):
@@ -146,10 +110,8 @@ def _settings(args: argparse.Namespace):
 def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -> int:
     import uvicorn
 
-    from modnet_npu.matting.imaging import parse_size_spec
     from modnet_npu.service.app import create_app
 
-    size_spec = parse_size_spec(opts.size)
     failed: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -158,7 +120,7 @@ def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
         if server is not None:
             server.should_exit = True  # uvicorn polls it; the lifespan then closes the service
 
-    app = create_app(_settings(args), lambda: _open_matter(opts, size_spec), on_fatal=fatal)
+    app = create_app(_settings(args), lambda: _open_matter(opts), on_fatal=fatal)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10, lifespan="on")
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
@@ -170,38 +132,37 @@ def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, bind, serve; a failure before serving is one ``error:`` line and the shared exit status
+    (``modnet_npu.cli``). No SIGTERM handler of ours: uvicorn shuts down on it and the process then
+    dies of the signal, as a service should."""
     args = build_parser().parse_args(argv)  # numbers out of range end here, before anything is imported
     try:
+        opts = engine_options_from(args)  # every engine option checked before the port is taken
         sock = _bind(args.host, args.port)  # a port in use is reported before the slow start
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UsageError, OSError) as exc:
+        return report(exc)
     try:
-        return _start(args, sock)
+        return _start(args, opts, sock)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         return 130
+    except (UsageError, OSError) as exc:
+        return report(exc)
     finally:
         sock.close()
 
 
-def _start(args: argparse.Namespace, sock: socket.socket) -> int:
+def _start(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
     from modnet_npu.runtime.process_setup import setup_process
 
     # once, before the model is built: threads, allocator, PIL's own pixel limit (ours is checked first)
-    proc = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"),
+    proc = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"),
                          max_image_pixels=int(args.max_pixels * 1_000_000))
-    opts = EngineOptions(args.model, args.backend, args.device, args.precision, args.size, proc.threads,
-                         args.models_dir, args.sha256, args.offline, args.allow_synthetic, args.compile, args.graphs)
     try:
-        from modnet_npu.matting.imaging import parse_size_spec
-
-        parse_size_spec(opts.size)
         _settings(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return _serve(args, opts, sock)
+        raise UsageError(str(exc)) from None
+    return _serve(args, replace(opts, threads=proc.threads), sock)
 
 
 # --------------------------------------------------------------------------

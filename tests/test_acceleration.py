@@ -228,7 +228,7 @@ def test_npu_capture_failure_with_graphs_auto_is_logged_once_and_reported():
     assert (stats.captures, stats.replays) == (0, 0)
     assert set(stats.capture_failures) == {"1x3x4x4 float32", "1x3x8x8 float32"}
     assert stats.capture_failures["1x3x4x4 float32"].startswith("RuntimeError: Cannot run aclop operators")
-    assert runner.describe == "graph capture failed (eager)" and stats.as_dict()["describe"] == runner.describe
+    assert runner.describe == "graph capture failed (eager)" and stats.to_dict()["describe"] == runner.describe
 
 
 def test_a_failed_capture_begin_puts_the_stream_back():

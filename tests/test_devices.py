@@ -85,7 +85,7 @@ def test_activate_npu_strict_fp32_sets_and_reads_back_every_option():
     expected = {"ALLOW_INTERNAL_FORMAT": "disable", "ACL_PRECISION_MODE": "must_keep_origin_dtype",
                 "ALLOW_CONV_HF32": "disable", "ALLOW_MATMUL_HF32": "disable"}
     assert settings.requested == expected and settings.in_force == expected
-    assert settings.as_dict()["notes"] == []
+    assert settings.to_dict()["notes"] == []
 
 
 def test_read_back_reports_what_the_device_stack_says_not_what_was_asked():

@@ -57,7 +57,7 @@ def test_engine_sets_the_npu_up_before_the_model_reaches_it():
     assert probe.at_move["current"] == 1 and "set_device" in probe.at_move["calls"]
     assert "ACL_PRECISION_MODE" not in probe.at_move["options"]  # inference keeps the device's HF32 default
     assert settings.current == 1 and settings.in_force["ALLOW_INTERNAL_FORMAT"] == "disable"
-    assert engine.describe == "graph capture" and engine.description == "PyTorch on npu:1 (fp32; graph capture)"
+    assert engine.fast_path == "graph capture" and engine.description == "PyTorch on npu:1 (fp32; graph capture)"
 
 
 def test_engine_strict_fp32_is_in_force_before_the_first_forward():
@@ -105,7 +105,7 @@ def test_engine_graphs_auto_reports_failed_captures():
         for _ in range(3):
             assert torch.equal(engine.runner(x), x * 2)
         stats = engine.fast_path_stats()
-    assert engine.describe == "graph capture failed (eager)"
+    assert engine.fast_path == "graph capture failed (eager)"
     assert stats.captures == 0 and "aclop" in stats.capture_failures["1x3x4x4 float32"]
     assert len(logged) == 1
 
@@ -136,7 +136,7 @@ def test_engine_on_the_cpu_reports_its_fast_path():
     finally:
         engine.close()
     assert out.shape == (2, 8, 8)
-    assert stats.pieces == ("batch-parallel x2",) and stats.as_dict()["captures"] == 0
+    assert stats.pieces == ("batch-parallel x2",) and stats.to_dict()["captures"] == 0
     assert engine.device_settings() == devices.DeviceSettings("cpu")
 
 
@@ -149,10 +149,10 @@ def test_matting_on_npu_1_readies_device_1_before_the_model_reaches_it(monkeypat
         probe = Probe(npu)
         built = []
         monkeypatch.setattr(convert_onnx_to_torch, "build_torch_model_from_onnx",
-                            lambda path, device=None: built.append(device) or probe)
+                            lambda path, device=None, optimize=True: built.append(device) or probe)
         # CPU torch cannot make torch.device("npu", 1); select_device's own checks are in test_devices
         monkeypatch.setattr(devices, "select_device", lambda spec: fake_device(int(spec.partition(":")[2] or 0)))
-        matter = Matter(webnn_file, backend="torch", device="npu:1", graphs="off")
+        matter = Matter(model=webnn_file, backend="torch", device="npu:1", graphs="off")
     assert built == [None]  # built on the CPU, moved by the engine once the device is ready
     assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable" and probe.at_move["current"] == 1
     assert matter.engine.description == "PyTorch on npu:1 (fp32; eager)"

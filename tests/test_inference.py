@@ -16,7 +16,7 @@ from modnet_npu.matting.imaging import to_uint8
 
 @pytest.fixture(scope="module")
 def matter(webnn_file):
-    return inference.Matter(webnn_file, backend="torch", device="cpu", size=256)
+    return inference.Matter(model=webnn_file, backend="torch", device="cpu", size=256)
 
 
 def test_matte_cutout_composite_on_the_portrait(matter, tmp_path):
@@ -36,7 +36,7 @@ def test_matte_cutout_composite_on_the_portrait(matter, tmp_path):
 
 
 def test_torch_and_ort_agree_within_one_level(webnn_file, matter):
-    ort = inference.Matter(webnn_file, backend="ort")
+    ort = inference.Matter(model=webnn_file, backend="ort")
     assert ort.backend.fixed_size == (256, 256)
     a = to_uint8(matter.matte(str(PORTRAIT))).astype(int)
     b = to_uint8(ort.matte(str(PORTRAIT))).astype(int)
@@ -125,7 +125,7 @@ def test_stdin_to_stdout(webnn_file):
     (["x.jpg"], 2, "--output-dir is required"),
     (["-", "--mode", "matte", "--mode", "cutout"], 2, "exactly one --mode"),
     (["x.jpg", "-o", "o", "--background", "greenish"], 1, "not a colour"),
-    (["x.jpg", "-o", "o", "--backend", "ort", "--device", "cuda"], 1, "ort backend runs on the CPU"),
+    (["x.jpg", "-o", "o", "--backend", "ort", "--device", "cuda"], 2, "ort backend runs on the CPU"),
     (["x.jpg", "-o", "o", "--device", "npu"], 1, "torch_npu"),
 ])
 def test_bad_arguments_are_one_line_errors(args, code, expect, webnn_file, capsys, monkeypatch, tmp_path):
@@ -240,7 +240,7 @@ def test_a_broken_or_foreign_model_is_one_line(kind, backend, tmp_path, webnn_fi
 
 @pytest.mark.parametrize("where", ["inference", "writing"])
 def test_ctrl_c_is_one_line_and_leaves_no_temporary(where, tmp_path, webnn_file, capsys, monkeypatch):
-    from modnet_npu.matting import jobs
+    from modnet_npu.matting import codec
     from modnet_npu.matting import matter as matting
     from modnet_npu.fileio import atomic_path
 
@@ -250,12 +250,12 @@ def test_ctrl_c_is_one_line_and_leaves_no_temporary(where, tmp_path, webnn_file,
 
         monkeypatch.setattr(matting.Matter, "mattes", interrupted)
     else:
-        def interrupted(dest, image, **kwargs):
+        def interrupted(dest, data):
             with atomic_path(dest) as tmp:
-                Path(tmp).write_bytes(b"half an image")
+                Path(tmp).write_bytes(data[: len(data) // 2])
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(jobs, "write_image", interrupted)
+        monkeypatch.setattr(codec, "write_bytes", interrupted)
     out = tmp_path / "out"
     code = inference.main([str(PORTRAIT), "-o", str(out), "--model", webnn_file, "--backend", "ort",
                            "--mode", "matte", "--quiet"])

@@ -12,7 +12,7 @@ from modnet_npu.graph.analysis import count_ops
 
 
 @pytest.fixture(scope="module")
-def fast(seeded_model):
+def fast(seeded_model):  # the optimized form
     return optimize(copy.deepcopy(seeded_model))
 
 
@@ -67,3 +67,26 @@ def test_half_precision_stays_close(fast, portrait_input, precision, mae):
     out = out.float()
     assert torch.isfinite(out).all()
     assert float((out - ref).abs().mean()) <= mae
+
+
+def test_the_optimized_model_owns_its_modules(seeded_model):
+    """Casting or changing the optimized model leaves the faithful one as it was (the SE block's Linears included)."""
+    faithful = copy.deepcopy(seeded_model)
+    before = {k: v.clone() for k, v in faithful.state_dict().items()}
+    optimized = optimize(faithful)
+    ours = {p.data_ptr() for p in faithful.parameters()} | {b.data_ptr() for b in faithful.buffers()}
+    assert not ours & {p.data_ptr() for p in optimized.parameters()}
+    optimized.half()
+    with torch.no_grad():
+        for p in optimized.parameters():
+            p.fill_(1)
+    after = faithful.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_modules_are_told_apart_by_type_not_name():
+    import inspect
+
+    from modnet_npu.model import optimized
+
+    assert "__name__" not in inspect.getsource(optimized)

@@ -302,15 +302,17 @@ def test_interrupting_a_run_leaves_no_temporary(tmp_path, monkeypatch, where):
     if where == "mattes":
         monkeypatch.setattr(matter, "mattes", lambda images: (_ for _ in ()).throw(KeyboardInterrupt()))
     else:
-        def interrupted(dest, image, **kw):
+        def interrupted(dest, data):
             from modnet_npu.fileio import atomic_path
 
             with atomic_path(dest) as tmp:
-                open(tmp, "wb").write(b"half an image")
+                open(tmp, "wb").write(data[: len(data) // 2])
                 assert os.path.exists(tmp)
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(jobs, "write_image", interrupted)
+        from modnet_npu.matting import codec
+
+        monkeypatch.setattr(codec, "write_bytes", interrupted)  # jobs writes through the one encoder
     with pytest.raises(KeyboardInterrupt):
         jobs.run_jobs(matter, plan.jobs, background="white")
     assert not out.exists() or os.listdir(out) == []

@@ -20,7 +20,7 @@ import torch
 from modnet_npu.proof import layerwise
 from modnet_npu.source import synthetic as synthetic_model
 from modnet_npu.conversion.convert import convert
-from modnet_npu.model.optimized import FastMODNet, optimize, with_precision
+from modnet_npu.model.optimized import OptimizedMODNet, optimize, with_precision
 from modnet_npu.proof.layerwise import LAYER_THRESHOLDS, LayerwiseError, compare_layers, layerwise_figure
 
 HR_LAYER = "hr_branch.conv_hr4x.0.layers.0"  # the first convolution of hr_branch.conv_hr4x
@@ -100,7 +100,7 @@ def test_optimized_form_has_no_divergence(reports, flavour):
     assert rep.first_divergence is None
     assert all(r.rel <= rep.threshold for r in rep.rows)
     assert len(conv_rows(rep)) == 69
-    # the SE block's activations run inside FastMODNet.forward: no module boundary equals them
+    # the SE block's activations run inside OptimizedMODNet.forward: no module boundary equals them
     assert [layer for layer, _ in rep.skipped] == list(SE_UNITS)
     assert all("activation" in reason for _, reason in rep.skipped)
     # same layers, same execution order as the faithful form, less the skipped ones
@@ -149,7 +149,7 @@ def faults(flavour_files, small_input) -> dict[tuple[str, str], layerwise.Layerw
         for layer in (HR_LAYER, BACKBONE_LAYER):
             faithful = convert(path).model
             model = optimize(faithful) if form == "optimized" else faithful
-            name = layerwise.fast_module_name(faithful, layer) + ".conv" if form == "optimized" else layer
+            name = layerwise.optimized_module_name(faithful, layer) + ".conv" if form == "optimized" else layer
             with torch.no_grad():
                 model.get_submodule(name).weight.mul_(1.01)
             out[form, layer] = compare_layers(path, model, small_input)
@@ -182,7 +182,7 @@ def half(flavour_files, small_input) -> dict[str, layerwise.LayerwiseReport]:
     path, out = flavour_files["official"], {}
     for precision in ("fp16", "bf16"):
         model, in_dtype = with_precision(optimize(convert(path).model), precision)
-        assert in_dtype == torch.float32 and isinstance(model, FastMODNet)
+        assert in_dtype == torch.float32 and isinstance(model, OptimizedMODNet)
         out[precision] = compare_layers(path, model, small_input, precision=precision)
     return out
 
@@ -242,7 +242,7 @@ def test_bad_options_are_errors(flavour_files, portrait_input):
     model = convert(flavour_files["official"]).model
     with pytest.raises(LayerwiseError, match="unknown precision 'fp8'"):
         compare_layers(flavour_files["official"], model, portrait_input, precision="fp8")
-    with pytest.raises(LayerwiseError, match="MODNet or FastMODNet"):
+    with pytest.raises(LayerwiseError, match="MODNet or OptimizedMODNet"):
         compare_layers(flavour_files["official"], torch.nn.Identity(), portrait_input)
 
 

@@ -65,7 +65,7 @@ def test_noise_keys_land_in_the_performance_section():
                                True, 1.0, "generated", "GENERATED", []),
         environment=Environment(*["x"] * 9, 2, "linux"), input=report.InputInfo("p.jpg", [1, 1], [1, 1]),
         conversion=report.ConversionInfo(1, 0, 1, []), accuracy=acc,
-        performance=_perf(Noise(1.9, 0.8, 1.0, 2, 2, True).as_dict()), memory=report.memory(None, 2.0, 1.0),
+        performance=_perf(Noise(1.9, 0.8, 1.0, 2, 2, True).to_dict()), memory=report.memory(None, 2.0, 1.0),
         outputs=[], timestamp="t", duration_s=1.0)
     d = r.to_dict()
     assert d["performance"]["noisy"] is True and d["performance"]["load_average"] == 1.9

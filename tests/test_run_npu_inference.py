@@ -76,15 +76,15 @@ def test_parity_failure_exits_non_zero(tmp_path, webnn_file, capsys):
     assert code == 2 and "parity FAILED" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--device", "npu"], "torch_npu"),
-    (["--device", "tpu"], "unknown device"),
-    (["--image", "/nonexistent.jpg"], "no such file"),
+@pytest.mark.parametrize("args,code,expect", [
+    (["--device", "npu"], 1, "torch_npu"),  # a device that is not here: the run fails
+    (["--device", "tpu"], 2, "unknown device"),  # not a device at all: a bad option
+    (["--image", "/nonexistent.jpg"], 1, "no such file"),
 ])
-def test_clear_one_line_errors(args, expect, tmp_path, webnn_file, capsys):
-    code = rni.main(["--model", webnn_file, "--output-dir", str(tmp_path / "o"), *args])
+def test_clear_one_line_errors(args, code, expect, tmp_path, webnn_file, capsys):
+    assert rni.main(["--model", webnn_file, "--output-dir", str(tmp_path / "o"), *args]) == code
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and expect in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err
     assert not (tmp_path / "o").exists()
 
 

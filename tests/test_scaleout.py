@@ -9,13 +9,16 @@ exists. Every Ray session must leave no Ray process behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +28,7 @@ from PIL import Image
 
 import inference
 from modnet_npu.matting import scaleout
+from modnet_npu.runtime.options import EngineOptions
 from conftest import PORTRAIT, ROOT, make_video
 
 # Ray Data sets its deprecated options on every copy of its context: not ours to fix
@@ -74,6 +78,70 @@ def test_ray_usage_errors_are_one_line(args, expect, tmp_path, capsys):
     assert inference.main([*args, str(tmp_path)] if "took" in expect else args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and expect in err
+
+
+def _every_option_changed(model: str, models_dir: str) -> EngineOptions:
+    """Engine options with every field away from its default (checked: a new field must be added here)."""
+    given = EngineOptions(model=model, sha256=hashlib.sha256(Path(model).read_bytes()).hexdigest(),
+                          models_dir=models_dir, offline=True, allow_synthetic=True, backend="torch", device="cpu",
+                          precision="bf16", model_form="faithful", size=(64, 96), max_side=5000, threads=1,
+                          compile=True, graphs="off", strict_fp32=True)
+    default = EngineOptions()
+    assert [f.name for f in fields(EngineOptions) if getattr(given, f.name) == getattr(default, f.name)] == []
+    return given
+
+
+def test_the_actor_opens_its_matter_with_the_options_whole(monkeypatch, tmp_path, webnn_file):
+    from modnet_npu.matting import matter as matting
+    from modnet_npu.runtime import process_setup
+
+    opened = []
+    monkeypatch.setattr(matting, "Matter", lambda options, **kw: opened.append((options, kw)) or object())
+    monkeypatch.setattr(process_setup, "setup_process", lambda **kw: SimpleNamespace(threads=3))
+    given = _every_option_changed(webnn_file, str(tmp_path))
+    actor = scaleout._ImageActor(given)
+    [(options, kw)] = opened
+    assert kw == {"validate": False} and actor.options is given
+    for f in fields(EngineOptions):  # every field, so that a new one cannot be forgotten
+        want = 3 if f.name == "threads" else getattr(given, f.name)  # the threads the actor's process set up
+        assert getattr(options, f.name) == want, f.name
+
+
+def test_actors_get_the_options_whole_but_what_the_placement_chose(webnn_file, tmp_path):
+    given = _every_option_changed(webnn_file, str(tmp_path))
+    placement = scaleout.place(backend="auto", device="auto", precision="fp32", cluster={"CPU": 64, "NPU": 8})
+    sent = scaleout.actor_options(given, placement)
+    chosen = {"backend": "torch", "device": "npu", "threads": 8}
+    for f in fields(EngineOptions):
+        assert getattr(sent, f.name) == chosen.get(f.name, getattr(given, f.name)), f.name
+
+
+def _not_modnet(path: Path) -> None:
+    """A valid ONNX file with MODNet's input and output that is not MODNet (one 1x1 convolution): the graph
+    analysis alone accepts it, the conversion does not."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "h", "w"])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, "h", "w"])
+    w = numpy_helper.from_array(np.full((1, 3, 1, 1), 0.1, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["output"])]
+    graph = helper.make_graph(nodes, "not_modnet", [x], [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_ray_refuses_the_model_files_the_local_path_refuses(tmp_path):
+    pytest.importorskip("ray.data")
+    model = tmp_path / "model.onnx"
+    _not_modnet(model)
+    seen = []
+    for where in ([], ["--ray"]):
+        out = tmp_path / f"out{len(where)}"
+        code, err, _ = _cli([str(PORTRAIT), "-o", str(out), "--model", str(model), "--backend", "ort", "--quiet",
+                             *where])
+        seen.append((code, err.replace(str(out), "OUT")))
+        assert not out.exists()
+    assert seen[0] == seen[1] and seen[0][0] == 1 and "not a MODNet graph" in seen[0][1], seen
 
 
 def test_without_ray_installed_the_error_says_how_to_install(tmp_path, capsys, monkeypatch, webnn_file):
@@ -265,9 +333,68 @@ def test_an_actor_that_dies_is_replaced_and_its_batch_retried(cluster, tmp_path,
         Image.open(PORTRAIT).resize((64 + 16 * i, 64)).save(src / f"p{i}.jpg")
     jobs = plan_jobs([str(src)], str(tmp_path / "out"), ["matte"], "png", False).jobs
     try:
-        summary = scaleout.run_on_ray(jobs, spec=scaleout.EngineSpec(flavour_files["official"], "torch", "cpu",
-                                                                     size=ShortSide(64)), batch=2)
+        summary = scaleout.run_on_ray(jobs, options=EngineOptions(model=flavour_files["official"], backend="torch",
+                                                                  device="cpu", size=ShortSide(64)), batch=2)
     finally:
         ray.cloudpickle.unregister_pickle_by_value(module)
     assert (tmp_path / "died").exists() and (summary.succeeded, summary.failed) == (3, 0)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"p{i}_matte.png" for i in range(3)]
+
+
+class _FlatMatter:
+    """Mattes of 0.5: what the reporting actor infers with (its options' compile and bf16 would take minutes)."""
+
+    def mattes(self, images):
+        return [np.full(rgb.shape[:2], 0.5, np.float32) for rgb in images]
+
+
+class _Reports(scaleout._ImageActor):
+    """An inference actor that writes down the options it received, then mattes flat."""
+
+    folder = ""
+
+    def __init__(self, options):
+        Path(self.folder, f"{os.getpid()}-{id(self)}.pkl").write_bytes(pickle.dumps(options))
+        self.matter = _FlatMatter()
+
+
+def test_every_engine_option_reaches_the_actors(cluster, tmp_path, monkeypatch, flavour_files):
+    import ray.cloudpickle
+
+    from modnet_npu.matting.jobs import plan_jobs
+
+    given = _every_option_changed(flavour_files["official"], str(tmp_path / "models"))
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test module
+    (tmp_path / "seen").mkdir()
+    monkeypatch.setattr(_Reports, "folder", str(tmp_path / "seen"))
+    monkeypatch.setattr(scaleout, "_ImageActor", _Reports)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.open(PORTRAIT).resize((64 + 32 * i, 64)).save(src / f"p{i}.jpg")
+    jobs = plan_jobs([str(src)], str(tmp_path / "out"), ["matte"], "png", False).jobs
+    try:
+        summary = scaleout.run_on_ray(jobs, options=given, batch=2)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(module)
+    assert (summary.succeeded, summary.failed) == (2, 0)
+    received = [pickle.loads(p.read_bytes()) for p in (tmp_path / "seen").iterdir()]
+    assert received
+    for options in received:
+        for f in fields(EngineOptions):  # field by field: a field the driver drops fails here by name
+            assert getattr(options, f.name) == getattr(given, f.name), f.name
+
+
+def test_a_wide_image_under_a_raised_max_side_runs_alike_with_and_without_ray(cluster, tmp_path, flavour_files):
+    """``--size 32x4160 --max-side 5000``: the actors used to get the default 4096 and refuse the image."""
+    wide = tmp_path / "wide.png"
+    Image.open(PORTRAIT).resize((2080, 48)).save(wide)
+    args = [str(wide), "--model", flavour_files["official"], "--size", "32x4160", "--max-side", "5000",
+            "--backend", "torch", "--device", "cpu", "--mode", "matte"]
+    local = _cli([*args, "-o", str(tmp_path / "local")])
+    on_ray = _cli([*args, "-o", str(tmp_path / "ray"), "--ray", "auto"])
+    assert local[0] == on_ray[0] == 0, (local[1], on_ray[1])
+    a = np.asarray(Image.open(tmp_path / "local" / "wide_matte.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "ray" / "wide_matte.png")).astype(int)
+    assert a.shape == b.shape == (48, 2080) and np.abs(a - b).max() <= 1

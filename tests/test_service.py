@@ -408,7 +408,7 @@ def synthetic_matter(flavour_files, tmp_path_factory):
     target = models / "synthetic" / f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx"
     target.parent.mkdir()
     shutil.copy(flavour_files["webnn"], target)
-    return Matter(DEFAULT_MODEL_ID, backend="torch", device="cpu", size=64, threads=1, models_dir=str(models),
+    return Matter(model=DEFAULT_MODEL_ID, backend="torch", device="cpu", size=64, threads=1, models_dir=str(models),
                   offline=True, allow_synthetic=True)
 
 

@@ -54,7 +54,7 @@ def test_probe_measures_this_process_cpu_time():
             pass
     assert idle.result.cpu_time_ratio < 0.2
     assert spin.result.cpu_time_ratio > idle.result.cpu_time_ratio + 0.1
-    d = spin.result.as_dict()
+    d = spin.result.to_dict()
     assert set(d) == {"load_average", "cpu_time_ratio", "other_cpu_load", "noisy"} and d["load_average"] >= 0
 
 

@@ -10,7 +10,7 @@ the first left out: Ray's write tasks report several at once), so the fixed
 cost and the rate are told apart. Ray's own start, and how long a missing
 device takes to fail, are measured once.
 
-    python3 bench_ray.py --count 48 --size 256 --rounds 3 --json out.json
+    python3 -m modnet_npu.bench.ray_suite --count 48 --size 256 --rounds 3 --json out.json
 """
 from __future__ import annotations
 
@@ -21,13 +21,19 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from modnet_npu import DEFAULT_IMAGE, REPO_ROOT
+from modnet_npu.cli import Parser, run_command
+from modnet_npu.errors import ModnetError, UsageError
 from modnet_npu.matting.jobs import Job, Progress, plan_jobs, run_jobs
 
+
+class RaySuiteError(ModnetError, RuntimeError):
+    """The suite cannot measure what it is meant to on this machine."""
 
 
 class _Clock(Progress):
@@ -68,7 +74,7 @@ def _fresh_jobs(src: str, out: str) -> list[Job]:
     return plan_jobs([src], out, ["matte"], "png", False).jobs
 
 
-def _contenders(matter, spec, src: str, root: str, actors: Sequence[int], batch: int) -> dict[str, Callable]:
+def _contenders(matter, options, src: str, root: str, actors: Sequence[int], batch: int) -> dict[str, Callable]:
     from modnet_npu.matting import scaleout
 
     def local(progress: Progress) -> object:
@@ -76,22 +82,22 @@ def _contenders(matter, spec, src: str, root: str, actors: Sequence[int], batch:
                         progress=progress)
 
     def on_ray(n: int) -> Callable[[Progress], object]:
-        return lambda progress: scaleout.run_on_ray(_fresh_jobs(src, os.path.join(root, f"ray{n}")), spec=spec,
+        return lambda progress: scaleout.run_on_ray(_fresh_jobs(src, os.path.join(root, f"ray{n}")), options=options,
                                                     batch=batch, actors=n, progress=progress)
 
     return {"local": local, **{f"ray_{n}_actor{'s' if n > 1 else ''}": on_ray(n) for n in actors}}
 
 
-def _missing_device_s(spec, jobs: list[Job]) -> float:
+def _missing_device_s(options, jobs: list[Job]) -> float:
     """Seconds until a run asking for a GPU on this CPU-only Ray fails (the session already up)."""
     from modnet_npu.matting import scaleout
 
     start = time.perf_counter()
     try:
-        scaleout.run_on_ray(jobs[:1], spec=scaleout.EngineSpec(spec.model, "torch", "cuda", size=spec.size))
+        scaleout.run_on_ray(jobs[:1], options=replace(options, backend="torch", device="cuda"))
     except scaleout.ScaleoutError:
         return time.perf_counter() - start
-    raise RuntimeError("a run asking for a GPU did not fail on this machine: it has one")
+    raise RaySuiteError("a run asking for a GPU did not fail on this machine: it has one")
 
 
 def suite_ray(model: str, image: str = DEFAULT_IMAGE, *, count: int = 48, size: int = 256, backend: str = "ort",
@@ -99,11 +105,11 @@ def suite_ray(model: str, image: str = DEFAULT_IMAGE, *, count: int = 48, size: 
               log: Callable[[str], None] = print) -> dict:
     """Images/s of the local path and of --ray with each number of CPU actors, interleaved round by round."""
     from modnet_npu.matting import scaleout
-    from modnet_npu.matting.imaging import ShortSide
     from modnet_npu.matting.matter import Matter
+    from modnet_npu.runtime.options import EngineOptions
 
-    matter = Matter(model, backend=backend, device="cpu", size=size, threads=threads)
-    spec = scaleout.EngineSpec(model, backend, "cpu", size=ShortSide(size), threads=threads)
+    options = EngineOptions(model=model, backend=backend, device="cpu", size=size, threads=threads)
+    matter = Matter(options)
     from modnet_npu.proof.timing import idle_cpus
 
     idle_before = idle_cpus(1.0)  # Ray's own workers count as "others" later: only the machine before is telling
@@ -116,13 +122,13 @@ def suite_ray(model: str, image: str = DEFAULT_IMAGE, *, count: int = 48, size: 
             ray_start_s = time.perf_counter() - start
             log(f"  Ray started in {ray_start_s:.1f} s")
             runs: dict[str, list[dict]] = {}
-            contenders = _contenders(matter, spec, src, root, actors, batch)
+            contenders = _contenders(matter, options, src, root, actors, batch)
             for r in range(rounds):
                 order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
                 for name in order:
                     runs.setdefault(name, []).append(_timed(contenders[name], count))
                     log(f"  round {r + 1}/{rounds} {name}: {runs[name][-1]['images_per_s']:.2f} images/s")
-            missing_s = _missing_device_s(spec, _fresh_jobs(src, os.path.join(root, "none")))
+            missing_s = _missing_device_s(options, _fresh_jobs(src, os.path.join(root, "none")))
     finally:
         matter.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -155,9 +161,8 @@ def format_ray(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="ONNX file with dynamic axes (default: the generated one)")
     p.add_argument("--image", default=DEFAULT_IMAGE)
     p.add_argument("--count", type=int, default=48, help="images per run")
@@ -167,24 +172,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from modnet_npu.runtime.process_setup import setup_process
 
-    setup_process(threads=0)
     try:
-        model = args.model or _generated_model()
-        result = suite_ray(model, args.image, count=args.count, size=args.size, backend=args.backend,
-                           rounds=args.rounds, actors=[int(a) for a in args.actors.split(",")], batch=args.batch)
-    except (OSError, ValueError, RuntimeError) as exc:  # ScaleoutError is a RuntimeError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        actors = [int(a) for a in args.actors.split(",")]
+    except ValueError:
+        raise UsageError(f"--actors: comma-separated whole numbers, got {args.actors!r}") from None
+    setup_process(threads=0)
+    model = args.model or _generated_model()
+    result = suite_ray(model, args.image, count=args.count, size=args.size, backend=args.backend,
+                       rounds=args.rounds, actors=actors, batch=args.batch)
     print(format_ray(result))
     if args.json:
         from modnet_npu.fileio import write_json
 
-        write_json(args.json, result | {"command": "python3 bench_ray.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                    else argv)})
+        command = "python3 -m modnet_npu.bench.ray_suite " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_json(args.json, result | {"command": command})
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The suite alone; errors and exit statuses as every tool (``modnet_npu.cli``)."""
+    return run_command(build_parser(), lambda args: _main(args, argv), argv)
 
 
 def _generated_model() -> str:

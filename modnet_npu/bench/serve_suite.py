@@ -9,7 +9,7 @@ and again; the figures are requests per second over the whole load, p50 and
 p99 of each request's wall time, and the forward passes the server ran
 (``/api/info``), which shows how many requests each batch served.
 
-``python3 bench_serve.py`` runs it alone (the same options as ``benchmark.py serve``).
+``python3 -m modnet_npu.bench.serve_suite`` runs it alone (the same options as ``benchmark.py serve``).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 from modnet_npu import DEFAULT_IMAGE
+from modnet_npu.cli import Parser, run_command
+from modnet_npu.errors import ModnetError, UsageError
 
 CONFIGS = ("batching on", "batching off")
 REQUEST_TIMEOUT_S = 300.0
@@ -163,8 +165,7 @@ def format_serve(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the picture posted")
     p.add_argument("--clients", default="1,4,8", help="concurrent clients, comma-separated")
@@ -180,27 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    model = args.model
-    try:
-        if model is None:
-            from modnet_npu.source.resolve import synthetic_fallback
+class ServeSuiteError(ModnetError, RuntimeError):
+    """A server that would not start or answer: one line (its log's end is in the message)."""
 
-            model = synthetic_fallback().path
+
+def _main(args: argparse.Namespace) -> int:
+    try:
         clients = [int(v) for v in args.clients.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--clients: comma-separated whole numbers, got {args.clients!r}") from None
+    model = args.model
+    if model is None:
+        from modnet_npu.source.resolve import synthetic_fallback
+
+        model = synthetic_fallback().path
+    try:
         result = suite_serve(model, args.image, clients=clients, requests_per_client=args.requests,
                              rounds=args.rounds, size=args.size, threads=args.threads, backend=args.backend,
                              device=args.device, window_ms=args.window_ms, max_batch=args.max_batch)
-    except (OSError, ValueError, RuntimeError) as exc:  # a server that would not start, a bad option: one line
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+    except (RuntimeError, TimeoutError) as exc:  # ServerProcess: a server that exited or never got ready
+        raise ServeSuiteError(str(exc).splitlines()[0]) from None
     print(format_serve(result))
     if args.json:
         from modnet_npu.fileio import write_json
 
         write_json(args.json, result)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The suite alone; errors and exit statuses as every tool (``modnet_npu.cli``)."""
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

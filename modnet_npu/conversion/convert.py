@@ -777,15 +777,15 @@ def build_torch_model_from_onnx(
 
     Takes normalised ``[N, 3, H, W]`` float input (H, W multiples of 32) and
     returns ``[N, 1, H, W]`` alpha in [0, 1], whatever size the file was exported at.
-    ``optimize=True`` returns the inference form (``inference_form``: BatchNorms
+    ``optimize=True`` returns the optimized model (``model.optimized``: BatchNorms
     folded, fewer operators, same outputs to 1e-5); ``False`` the faithful
     module-for-module model.
     """
     model: nn.Module = convert(path).model
     if optimize:
-        from modnet_npu.model.optimized import optimize as to_inference_form
+        from modnet_npu.model.optimized import optimize as optimized_form
 
-        model = to_inference_form(model)
+        model = optimized_form(model)
     return model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from modnet_npu.model.modnet import SIZE_MULTIPLE
+from modnet_npu.model.contract import MAX_MODEL_SIDE, SIZE_MULTIPLE
 from modnet_npu.errors import ModnetError
 
 REFERENCE_SIZE = 512  # MODNet's official inference rule
@@ -22,9 +22,6 @@ MODEL_FILE_SIZE = 256  # the static size of onnx-community/modnet-webnn
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # also bytearray and binary streams
 Size = tuple[int, int]
-# The largest model input side accepted by default: MODNet's activations at 4096x4096
-# already take several GB; an unbounded --size grows until the kernel kills the process.
-MAX_MODEL_SIDE = 4096
 
 
 class ShortSide(NamedTuple):

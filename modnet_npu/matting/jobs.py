@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from modnet_npu.cli import one_line
-from modnet_npu.fileio import write_image
+from modnet_npu.matting import codec
 from modnet_npu.matting.imaging import ImageReadError, load_image
 from modnet_npu.matting.matter import Matter, NonFiniteMatteError, render
 from modnet_npu.runtime.engines import OrtRunError
@@ -49,13 +49,8 @@ PIXELS_IN_FLIGHT = 64_000_000
 MAX_STDIN_BYTES = 200_000_000
 
 def save_output(path: str, array: np.ndarray) -> None:
-    from PIL import Image
-
-    img = Image.fromarray(array)
-    args = {"quality": 95} if path.lower().endswith((".jpg", ".jpeg", ".webp")) else {}
-    if path.lower().endswith(".webp") and array.ndim == 3 and array.shape[2] == 4:
-        args = {"lossless": True}
-    write_image(path, img, **args)
+    """Write one output atomically, encoded as its extension asks (``codec``: the one encoder)."""
+    codec.save(path, array)
 
 
 # Out of memory for one file is that file's failure (a 100-megapixel photo under a memory

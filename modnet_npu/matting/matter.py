@@ -11,16 +11,16 @@ Images that share a model input size are inferred as one batch (:meth:`Matter.ma
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime.engines import choose_backend, open_engine
+from modnet_npu.runtime.options import EngineOptions
 from modnet_npu.matting.imaging import (
-    MAX_MODEL_SIDE,
     ImageLike,
-    ShortSide,
     Size,
     SizeSpec,
     composite,
@@ -33,7 +33,7 @@ from modnet_npu.matting.imaging import (
     resize_rgb,
     to_uint8,
 )
-from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, resolve_or_fallback
+from modnet_npu.source.resolve import resolve_or_fallback
 
 MODES = ("matte", "cutout", "composite")
 
@@ -48,54 +48,56 @@ class NonFiniteMatteError(ModnetError, ValueError):
 class Matter:
     """MODNet matting of images (path, bytes, PIL image or numpy array).
 
-    ``size``: ``"auto"`` (MODNet's rule), an int or :class:`imaging.ShortSide`
-    (the short side), or ``(height, width)``; a static ONNX graph on ONNX Runtime
-    always takes its own size, and no side may exceed ``max_side``. ``allow_synthetic`` lets the default model id fall
-    back to the generated model when nothing can be downloaded (mattes then mean
-    nothing; for testing). ``strict_fp32`` turns HF32 (Ascend) / TF32 (CUDA) off.
-    ``validate=False`` skips the model file's MODNet check (a caller that did it already).
+    Opened from :class:`options.EngineOptions`, given whole (``Matter(options)``)
+    or as its fields, by keyword (``Matter(model="m.onnx", size=512)``; both:
+    the keywords replace the object's fields). ``size`` is ``"auto"`` (MODNet's
+    rule), an int, ``"N"`` or :class:`imaging.ShortSide` (the short side), or
+    ``(height, width)``; a static ONNX graph on ONNX Runtime always takes its own
+    size, and no side may exceed ``max_side``. ``allow_synthetic`` lets the
+    default model id fall back to the generated model when nothing can be
+    downloaded (mattes then mean nothing; for testing). ``strict_fp32`` turns
+    HF32 (Ascend) / TF32 (CUDA) off. ``validate=False`` skips the model file's
+    check (``engines.check_model``) where a caller did it already.
     """
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL_ID,
-        backend: str = "auto",
-        device: str = "auto",
-        precision: str = "fp32",
-        size: int | SizeSpec = "auto",
-        threads: int = 0,
-        models_dir: str = DEFAULT_MODELS_DIR,
-        sha256: str | None = None,
-        offline: bool = False,
-        allow_synthetic: bool = False,
-        compile: bool = False,
-        graphs: str = "auto",
-        log: Callable[[str], None] = lambda msg: None,
-        *,
-        strict_fp32: bool = False,
-        max_side: int = MAX_MODEL_SIDE,
-        validate: bool = True,
-    ) -> None:
-        backend, self.backend_reason = choose_backend(backend, device)
-        self.source = resolve_or_fallback(model, models_dir, allow_synthetic=allow_synthetic, sha256=sha256,
-                                          offline=offline, log=log)
+    def __init__(self, options: EngineOptions | None = None, /, *, log: Callable[[str], None] = lambda msg: None,
+                 validate: bool = True, **fields: Any) -> None:
+        if options is not None and not isinstance(options, EngineOptions):
+            raise TypeError(f"Matter takes an EngineOptions or keyword arguments (model=..., backend=...), "
+                            f"not a {type(options).__name__}")
+        options = replace(options or EngineOptions(), **fields) if fields else options or EngineOptions()
+        self.options = options
+        backend, self.backend_reason = choose_backend(options.backend, options.device, options.precision)
+        self.source = resolve_or_fallback(options.model, options.models_dir, allow_synthetic=options.allow_synthetic,
+                                          sha256=options.sha256, offline=options.offline, log=log)
         if self.source.warning:
             log(f"WARNING: {self.source.warning}")
-        self.engine = open_engine(backend, self.source.path, device=device, precision=precision, threads=threads,
-                                  compile=compile, graphs=graphs, log=log, strict_fp32=strict_fp32, validate=validate)
-        self.size: SizeSpec = ShortSide(size) if isinstance(size, int) else size
-        self.max_side = max_side
+        self.engine = open_engine(backend, self.source.path, options, validate=validate, log=log)
+
+    @property
+    def size(self) -> SizeSpec:
+        """The model input size asked for (parsed): ``options.size``."""
+        return self.options.size
+
+    @property
+    def max_side(self) -> int:
+        return self.options.max_side
 
     @property
     def backend(self):
         """The engine (older name, kept for existing callers)."""
         return self.engine
 
-    def model_size(self, height: int, width: int) -> Size:
-        """The input size this image is inferred at."""
-        if self.engine.fixed_size is not None:
-            return self.engine.fixed_size
-        return input_size(self.size, height, width, max_side=self.max_side)
+    def model_size(self, height: int, width: int, *, size: SizeSpec | None = None) -> Size:
+        """The input size an image of ``height`` x ``width`` is inferred at: under ``size`` when given (a
+        request's own), else the options' size; never a side over ``max_side``. ValueError otherwise,
+        also when ``size`` is asked of a model file whose input size is fixed."""
+        fixed = self.engine.fixed_size
+        if fixed is not None and size is not None:
+            raise ValueError(f"this model file takes {fixed[0]}x{fixed[1]} only on the {self.engine.name} backend")
+        if fixed is not None:
+            return fixed
+        return input_size(self.size if size is None else size, height, width, max_side=self.max_side)
 
     def infer_batch(self, images: Sequence[np.ndarray], size: Size) -> list[np.ndarray]:
         """Float mattes, at each image's own size, for uint8 RGB images all inferred at model input ``size``."""

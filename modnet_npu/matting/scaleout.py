@@ -24,20 +24,18 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from modnet_npu import REPO_ROOT
-from modnet_npu.runtime.engines import BACKEND_CHOICES
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import temp_affixes
 from modnet_npu.matting.jobs import Job, Progress, RunSummary, load_job, save_job
-from modnet_npu.model.precision import check as check_precision
+from modnet_npu.runtime.options import EngineOptions, choose_engine
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
-DEVICE_KINDS = ("auto", "cpu", "mps", "npu", "cuda")
 RESOURCE = {"npu": "NPU", "cuda": "GPU"}  # Ray's names for the accelerators
 # Logical CPUs reserved per inference actor and per decode/encode task. An actor
 # holding whole CPUs can leave none to the read tasks that feed it, and Ray then
@@ -64,23 +62,6 @@ class ScaleoutError(ModnetError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """What every actor opens: the model *file* the driver resolved (workers never download)."""
-
-    model: str
-    backend: str = "auto"
-    device: str = "auto"
-    precision: str = "fp32"
-    size: Any = "auto"  # an imaging.SizeSpec
-    threads: int = 0
-    compile: bool = False
-    graphs: str = "auto"
-    models_dir: str = os.path.join(REPO_ROOT, "models")
-    strict_fp32: bool = False
-    max_side: int = 4096  # imaging.MAX_MODEL_SIDE (not imported here: the driver need not load imaging)
-
-
-@dataclass(frozen=True)
 class LocalRay:
     """How a Ray started for the run is sized (``None``: Ray's own default)."""
 
@@ -94,12 +75,12 @@ class Placement:
     backend: str  # "torch" or "ort"
     device: str  # as each actor opens it: Ray makes its one device index 0
     actors: int
-    threads: int  # per actor; 0 = every core of its node
+    threads: int  # per actor; 0 = automatic: the CPUs free on its node at its start
     why: str
     ray_args: dict = field(default_factory=dict)  # num_gpus / resources of one actor
 
     def describe(self) -> str:
-        threads = "all cores of its node" if self.threads == 0 else f"{self.threads} thread(s)"
+        threads = "the free CPUs of its node" if self.threads == 0 else f"{self.threads} thread(s)"
         return f"ray: {self.actors} {self.backend} actor(s) on {self.device}, {threads} each ({self.why})"
 
 
@@ -114,38 +95,19 @@ def check_address(address: str) -> str:
                      "ray://HOST:PORT or HOST:PORT (write --ray=ADDRESS, or put --ray after the inputs)")
 
 
-def _device_kind(device: str) -> str:
-    kind, _, index = device.strip().lower().partition(":")
-    if kind not in DEVICE_KINDS or (index and not (index.isdigit() and kind in RESOURCE)):
-        raise ValueError(f"unknown device {device!r}; expected auto|npu|npu:N|cuda|cuda:N|mps|cpu")
-    return kind
-
-
 def _accelerator(cluster: dict) -> str:
     return "npu" if cluster.get("NPU", 0) >= 1 else "cuda" if cluster.get("GPU", 0) >= 1 else "cpu"
 
 
 def _engine_choice(backend: str, device: str, precision: str, cluster: dict) -> tuple[str, str, str]:
-    """(backend, device kind, why), as ``engines.choose_backend`` decides but from the cluster's resources."""
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
-    kind = _device_kind(device)
-    why = "asked for"
-    if backend == "auto" and kind != "auto":
-        backend, why = "torch", f"device {device} asked for"
-    elif backend == "auto":
+    """(backend, device kind, why): ``options.choose_engine``'s decision, asked about the cluster's resources."""
+    def found() -> tuple[str, str]:
         kind = _accelerator(cluster)
-        backend = "ort" if kind == "cpu" else "torch"
-        why = ("no accelerator in the cluster: ONNX Runtime is the faster engine on a CPU" if kind == "cpu"
-               else f"the cluster has {RESOURCE[kind]}s")
-    if backend == "ort":
-        if kind not in ("auto", "cpu"):
-            raise ValueError(f"the ort backend runs on the CPU; --device {device} needs --backend torch")
-        if check_precision(precision) != "fp32":
-            raise ValueError(f"the ort backend runs the file as it is; --precision {precision} needs --backend torch")
-        return "ort", "cpu", why
-    check_precision(precision)
-    return "torch", _accelerator(cluster) if kind == "auto" else kind, why
+        return kind, "no accelerator in the cluster" if kind == "cpu" else f"the cluster has {RESOURCE[kind]}s"
+
+    choice = choose_engine(backend, device, precision, find_accelerator=found)
+    kind = choice.device.kind
+    return choice.backend, _accelerator(cluster) if kind == "auto" else kind, choice.why
 
 
 def _describe(cluster: dict) -> str:
@@ -302,15 +264,6 @@ def _data_settings(ray: Any) -> Iterator[None]:
 # --------------------------------------------------------------------------
 
 
-def check_model(path: str) -> None:
-    """Read the model file here first (0.1 s): a corrupt or foreign file is one line before any worker
-    starts, not an actor that dies in Ray's scheduler with tracebacks on the way."""
-    from modnet_npu.conversion.convert import analyse_onnx
-    from modnet_npu.graph.weights import read_weights
-
-    analyse_onnx(read_weights(path))
-
-
 def _row(job: Job) -> dict:
     """A job as a row: its name as given (for messages) and absolute paths (for workers elsewhere)."""
     outputs = {mode: os.path.abspath(path) for mode, path in job.outputs.items()}
@@ -357,15 +310,15 @@ def _objects(items: Sequence) -> np.ndarray:
 class _Actor:
     """Holds one Matter for the actor's life: the model is loaded once, on the device Ray gave it."""
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, options: EngineOptions) -> None:
         from modnet_npu.matting.matter import Matter
         from modnet_npu.runtime.process_setup import setup_process
 
-        setup_process(threads=spec.threads, compile_cache_dir=os.path.join(spec.models_dir, ".compile-cache"))
-        # the driver checked the model file before submitting: actors skip ONNX Runtime's repeat of it
-        self.matter = Matter(spec.model, spec.backend, spec.device, spec.precision, spec.size, spec.threads,
-                             spec.models_dir, offline=True, compile=spec.compile, graphs=spec.graphs,
-                             strict_fp32=spec.strict_fp32, max_side=spec.max_side, validate=False)
+        settings = setup_process(threads=options.threads,
+                                 compile_cache_dir=os.path.join(options.models_dir, ".compile-cache"))
+        self.options = options  # as received: every field, whole (tests compare them with the driver's)
+        # the driver checked the model file (engines.check_model) before submitting: no repeat here
+        self.matter = Matter(replace(options, threads=settings.threads), validate=False)
 
 
 class _ImageActor(_Actor):
@@ -387,8 +340,8 @@ class _ImageActor(_Actor):
 
 
 class _VideoActor(_Actor):
-    def __init__(self, spec: EngineSpec, *, background: str, batch: int, temporal: bool) -> None:
-        super().__init__(spec)
+    def __init__(self, options: EngineOptions, *, background: str, batch: int, temporal: bool) -> None:
+        super().__init__(options)
         self.options = (background, batch, temporal)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -414,14 +367,18 @@ class _VideoActor(_Actor):
 # --------------------------------------------------------------------------
 
 
-def _stage_args(placement: Placement, spec: EngineSpec, count: int, batch: int) -> dict:
+def actor_options(options: EngineOptions, placement: Placement) -> EngineOptions:
+    """What each actor opens: ``options`` whole, with the backend, device and threads the placement chose."""
+    return replace(options, backend=placement.backend, device=placement.device, threads=placement.threads)
+
+
+def _stage_args(placement: Placement, options: EngineOptions, count: int, batch: int) -> dict:
     """map_batches arguments of the inference stage: a fixed pool, fractional CPUs, one device each."""
     import ray.data
 
-    actor_spec = EngineSpec(spec.model, placement.backend, placement.device, spec.precision, spec.size,
-                            placement.threads, spec.compile, spec.graphs, spec.models_dir)
     size = max(1, min(placement.actors, math.ceil(count / batch)))  # no idle actors for a small job
-    return {"compute": ray.data.ActorPoolStrategy(size=size), "fn_constructor_kwargs": {"spec": actor_spec},
+    return {"compute": ray.data.ActorPoolStrategy(size=size),
+            "fn_constructor_kwargs": {"options": actor_options(options, placement)},
             "num_cpus": ACTOR_CPUS, **placement.ray_args}
 
 
@@ -435,23 +392,23 @@ def _rows_per_task(count: int, cpus: float) -> int:
     return max(1, min(16, math.ceil(count / max(1.0, 4 * cpus))))
 
 
-def _image_rows(ray: Any, jobs: Sequence[Job], placement: Placement, spec: EngineSpec, *, background: str,
+def _image_rows(ray: Any, jobs: Sequence[Job], placement: Placement, options: EngineOptions, *, background: str,
                 batch: int, env: dict) -> Iterable[dict]:
     items = [_row(job) for job in jobs]
     per_task = _rows_per_task(len(items), ray.cluster_resources().get("CPU", 1))
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
     ds = ds.map(_decode, num_cpus=TASK_CPUS, runtime_env=env)
     ds = ds.map_batches(_ImageActor, batch_size=batch, batch_format="numpy", runtime_env=env,
-                        **_stage_args(placement, spec, len(items), batch))
+                        **_stage_args(placement, options, len(items), batch))
     ds = ds.map_batches(_save, batch_size=per_task, batch_format="numpy", fn_kwargs={"background": background},
                         num_cpus=TASK_CPUS, runtime_env=env)
     return ds.iter_rows()
 
 
-def _video_rows(ray: Any, jobs: Sequence[Job], placement: Placement, spec: EngineSpec, *, background: str,
+def _video_rows(ray: Any, jobs: Sequence[Job], placement: Placement, options: EngineOptions, *, background: str,
                 batch: int, temporal: bool, env: dict) -> Iterable[dict]:
     items = [_row(job) for job in jobs]
-    args = _stage_args(placement, spec, len(items), 1)
+    args = _stage_args(placement, options, len(items), 1)
     args["fn_constructor_kwargs"] |= {"background": background, "batch": batch, "temporal": temporal}
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one video per block: spread over actors
     return ds.map_batches(_VideoActor, batch_size=1, batch_format="numpy", runtime_env=env, **args).iter_rows()
@@ -491,13 +448,15 @@ def _remove_partials(jobs: Sequence[Job]) -> None:
                         os.unlink(os.path.join(folder, name))
 
 
-def run_on_ray(jobs: Sequence[Job], *, spec: EngineSpec, address: str | None = None, background: str = "white",
+def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | None = None, background: str = "white",
                batch: int = 1, temporal: bool = False, progress: Progress | None = None, actors: int | None = None,
                local: LocalRay = LocalRay(), log: Callable[[str], None] = lambda m: None) -> RunSummary:
     """Run planned jobs (already reduced to what is still to do) on Ray: images, then videos.
 
     The same outputs, error lines and summary as ``jobs.run_jobs``; the time
     counted starts once Ray is up and includes the actors' start and model load.
+    ``options.model`` is the model *file* the driver resolved (workers never
+    download); every actor receives ``options`` whole (:func:`actor_options`).
     """
     progress = progress or Progress()
     if not jobs:
@@ -505,22 +464,24 @@ def run_on_ray(jobs: Sequence[Job], *, spec: EngineSpec, address: str | None = N
     images = [j for j in jobs if j.kind == "image"]
     videos = [j for j in jobs if j.kind == "video"]
     background = os.path.abspath(background) if os.path.isfile(background) else background
-    check_model(spec.model)
+    from modnet_npu.runtime.engines import check_model
+
+    check_model(options.model)  # the local path's check, here: a bad file is one line before any worker starts
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}}
     try:
         with ray_session(address, local=local, log=log) as ray:
             nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU"))
-            placement = place(backend=spec.backend, device=spec.device, precision=spec.precision,
-                              cluster=ray.cluster_resources(), nodes=nodes, actors=actors, threads=spec.threads)
+            placement = place(backend=options.backend, device=options.device, precision=options.precision,
+                              cluster=ray.cluster_resources(), nodes=nodes, actors=actors, threads=options.threads)
             log(placement.describe())
             started = time.perf_counter()
             tally = _Tally()
             with _data_settings(ray):
                 if images:
-                    tally = _tally(_image_rows(ray, images, placement, spec, background=background, batch=batch,
+                    tally = _tally(_image_rows(ray, images, placement, options, background=background, batch=batch,
                                                env=env), progress, tally)
                 if videos:
-                    tally = _tally(_video_rows(ray, videos, placement, spec, background=background, batch=batch,
+                    tally = _tally(_video_rows(ray, videos, placement, options, background=background, batch=batch,
                                                temporal=temporal, env=env), progress, tally)
     except KeyboardInterrupt:
         _remove_partials(jobs)  # after the shutdown above: no worker of ours is left to write

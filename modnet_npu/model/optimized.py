@@ -1,7 +1,8 @@
-"""The inference form of MODNet: the same function as ``modnet_model.MODNet``
-in fewer operator launches, plus the tools to prove it (an operator counter).
+"""The optimized MODNet (``--model-form optimized``): the same function as
+``modnet_model.MODNet`` in fewer operator launches.
 
-Produced from a loaded faithful model by :func:`optimize`:
+Produced from a loaded faithful model by :func:`optimize` (the faithful model is
+left as it was: the optimized one owns copies of every parameter it uses):
 
 * every BatchNorm is folded into its convolution: the backbone's, and the
   BatchNorm half of each IBNorm (it acts on the first ``c // 2`` output channels,
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modnet_npu.model.precision import PRECISIONS
-from modnet_npu.model.modnet import INSTANCE_NORM_EPS, MODNet, MODNetConfig, check_input_size
+from modnet_npu.model import precision as precisions
+from modnet_npu.model.modnet import INSTANCE_NORM_EPS, IBNorm, MODNet, MODNetConfig, check_input_size
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +45,7 @@ def _conv_from(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
     return new.to(conv.weight.device)
 
 
-class FastCIR(nn.Module):
+class OptimizedCIR(nn.Module):
     """Conv (IBNorm's BatchNorm folded in) -> in-place InstanceNorm on the second half -> ReLU."""
 
     def __init__(self, conv: nn.Conv2d, norm_from: int | None, relu: bool) -> None:
@@ -69,7 +70,7 @@ class FastCIR(nn.Module):
         return y
 
 
-class FastConvReLU6(nn.Module):
+class OptimizedConvReLU6(nn.Module):
     """A backbone conv with its BatchNorm folded, then ReLU6 in place (or nothing)."""
 
     def __init__(self, conv: nn.Conv2d, relu6: bool) -> None:
@@ -82,7 +83,7 @@ class FastConvReLU6(nn.Module):
         return y.clamp_(0.0, 6.0) if self.relu6 else y
 
 
-class FastInvertedResidual(nn.Module):
+class OptimizedInvertedResidual(nn.Module):
     def __init__(self, layers: list[nn.Module], residual: bool) -> None:
         super().__init__()
         self.layers = nn.Sequential(*layers)
@@ -93,30 +94,45 @@ class FastInvertedResidual(nn.Module):
         return y.add_(x) if self.residual else y
 
 
-def _fast_cir(cir: nn.Module) -> FastCIR:
+def _optimized_cir(cir: nn.Module) -> OptimizedCIR:
     layers = list(cir.layers)
     conv = layers[0]
-    ibn = next((m for m in layers if type(m).__name__ == "IBNorm"), None)
+    ibn = next((m for m in layers if isinstance(m, IBNorm)), None)
     relu = any(isinstance(m, nn.ReLU) for m in layers)
     if ibn is None:
-        return FastCIR(_conv_from(conv, conv.weight.detach().double(), conv.bias.detach().double()), None, relu)
+        return OptimizedCIR(_conv_from(conv, conv.weight.detach().double(), conv.bias.detach().double()), None, relu)
     w, b = _fold(conv, ibn.bnorm, slice(0, ibn.bnorm_channels))
-    return FastCIR(_conv_from(conv, w, b), ibn.bnorm_channels, relu)
+    return OptimizedCIR(_conv_from(conv, w, b), ibn.bnorm_channels, relu)
 
 
-def _fast_sequential(seq: nn.Sequential) -> list[FastConvReLU6]:
+def _linear_copy(linear: nn.Linear) -> nn.Linear:
+    """A Linear of its own with ``linear``'s weights: casting or moving one must not change the other."""
+    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
+def _optimized_sequential(seq: nn.Sequential) -> list[OptimizedConvReLU6]:
     """Conv, BN, (ReLU6) runs of a MobileNetV2 Sequential -> folded modules."""
     out, items, i = [], list(seq), 0
     while i < len(items):
         conv, bn = items[i], items[i + 1]
         relu6 = i + 2 < len(items) and isinstance(items[i + 2], nn.ReLU6)
-        out.append(FastConvReLU6(_conv_from(conv, *_fold(conv, bn)), relu6))
+        out.append(OptimizedConvReLU6(_conv_from(conv, *_fold(conv, bn)), relu6))
         i += 3 if relu6 else 2
     return out
 
 
-class FastMODNet(nn.Module):
-    """MODNet for inference only: same inputs and outputs as ``MODNet``, fewer operators."""
+class OptimizedMODNet(nn.Module):
+    """MODNet for inference only: same inputs and outputs as ``MODNet``, fewer operators.
+
+    Built from a faithful model, whose parameters it copies (folded or not): it
+    shares no module or tensor with it.
+    """
 
     def __init__(self, model: MODNet) -> None:
         super().__init__()
@@ -125,25 +141,25 @@ class FastMODNet(nn.Module):
         blocks: list[nn.Module] = []
         for f in feats:
             if isinstance(f, nn.Sequential):
-                blocks.append(nn.Sequential(*_fast_sequential(f)))
+                blocks.append(nn.Sequential(*_optimized_sequential(f)))
             else:
-                blocks.append(FastInvertedResidual(_fast_sequential(f.conv), f.use_res_connect))
+                blocks.append(OptimizedInvertedResidual(_optimized_sequential(f.conv), f.use_res_connect))
         self.enc2x = nn.Sequential(*blocks[:2])
         self.enc4x = nn.Sequential(*blocks[2:4])
         self.enc32x = nn.Sequential(*blocks[4:])
         se = model.lr_branch.se_block
-        self.se_fc1, self.se_fc2 = se.fc[0], se.fc[2]
+        self.se_fc1, self.se_fc2 = _linear_copy(se.fc[0]), _linear_copy(se.fc[2])
         lr, hr, fb = model.lr_branch, model.hr_branch, model.f_branch
-        self.conv_lr16x, self.conv_lr8x = _fast_cir(lr.conv_lr16x), _fast_cir(lr.conv_lr8x)
-        self.tohr_enc2x, self.conv_enc2x = _fast_cir(hr.tohr_enc2x), _fast_cir(hr.conv_enc2x)
-        self.tohr_enc4x, self.conv_enc4x = _fast_cir(hr.tohr_enc4x), _fast_cir(hr.conv_enc4x)
-        self.conv_hr4x = nn.Sequential(*(_fast_cir(m) for m in hr.conv_hr4x))
-        self.conv_hr2x = nn.Sequential(*(_fast_cir(m) for m in hr.conv_hr2x))
-        self.conv_lr4x, self.conv_f2x = _fast_cir(fb.conv_lr4x), _fast_cir(fb.conv_f2x)
-        self.conv_f = nn.Sequential(*(_fast_cir(m) for m in fb.conv_f))
+        self.conv_lr16x, self.conv_lr8x = _optimized_cir(lr.conv_lr16x), _optimized_cir(lr.conv_lr8x)
+        self.tohr_enc2x, self.conv_enc2x = _optimized_cir(hr.tohr_enc2x), _optimized_cir(hr.conv_enc2x)
+        self.tohr_enc4x, self.conv_enc4x = _optimized_cir(hr.tohr_enc4x), _optimized_cir(hr.conv_enc4x)
+        self.conv_hr4x = nn.Sequential(*(_optimized_cir(m) for m in hr.conv_hr4x))
+        self.conv_hr2x = nn.Sequential(*(_optimized_cir(m) for m in hr.conv_hr2x))
+        self.conv_lr4x, self.conv_f2x = _optimized_cir(fb.conv_lr4x), _optimized_cir(fb.conv_f2x)
+        self.conv_f = nn.Sequential(*(_optimized_cir(m) for m in fb.conv_f))
         self.decoder_dtype: torch.dtype | None = None  # None: everything in the parameters' dtype
 
-    def set_precision(self, dtype: torch.dtype) -> "FastMODNet":
+    def set_precision(self, dtype: torch.dtype) -> "OptimizedMODNet":
         """Run the decoder in ``dtype`` and keep the backbone and SE block in float32.
 
         The backbone is a tenth of MODNet's arithmetic but the most sensitive part
@@ -187,9 +203,10 @@ class FastMODNet(nn.Module):
 
 
 @torch.no_grad()
-def optimize(model: MODNet) -> FastMODNet:
-    """The inference form of a loaded MODNet (eval mode, same device and dtype)."""
-    return FastMODNet(model.eval()).eval()
+def optimize(model: MODNet) -> OptimizedMODNet:
+    """The optimized form of a loaded MODNet (eval mode, same device and dtype); ``model`` is left unchanged
+    (but for being put in eval mode) and shares nothing with the result."""
+    return OptimizedMODNet(model.eval()).eval()
 
 
 def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, torch.dtype]:
@@ -198,7 +215,7 @@ def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, torch.d
     The optimized model keeps its backbone in float32 (see ``set_precision``)
     and takes float32 input; the faithful model is cast whole, as it is.
     """
-    dtype = PRECISIONS[precision]
-    if isinstance(model, FastMODNet):
+    dtype = precisions.dtype(precision)
+    if isinstance(model, OptimizedMODNet):
         return model.set_precision(dtype), torch.float32
     return model.to(dtype), dtype

@@ -1,13 +1,19 @@
 """What each PyTorch-side precision means: its dtype and the parity bounds it is held to.
 
 One table, read by the model form (which parts run in half precision), the
-engines, the pipeline's verdict and the layer-by-layer comparison.
+engines, the pipeline's verdict and the layer-by-layer comparison. The names and
+bounds are plain data, importable without torch (the engine options parse
+``--precision`` before torch loads); :func:`dtype` imports torch when asked.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch's names
 
 # Parity MAE bound on the final matte, per precision: fp32 must be a faithful port
 # (~1e-5 measured); the half-precision bounds are the fast path's targets.
@@ -24,3 +30,10 @@ def check(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     return precision
+
+
+def dtype(precision: str) -> "torch.dtype":
+    """The torch dtype of ``precision`` (``fp32`` -> ``torch.float32`` ...)."""
+    import torch
+
+    return getattr(torch, _DTYPES[check(precision)])

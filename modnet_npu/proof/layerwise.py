@@ -21,7 +21,7 @@ Where the tensors come from:
   added to the graph's outputs in memory (the file is not touched) and ONNX
   Runtime runs once with graph optimisation off, so every one of them exists.
 * PyTorch: forward hooks on the modules, one run; outputs and inputs are cloned
-  at hook time because the inference form mutates tensors in place afterwards
+  at hook time because the optimized form mutates tensors in place afterwards
   (a residual ``add_``, the final ``sigmoid_``).
 
 The local error of a row is ``max |reference(x_dev) - y_dev|``: the layer's
@@ -68,7 +68,7 @@ from modnet_npu.conversion.convert import (
 )
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
-from modnet_npu.model.optimized import FastMODNet
+from modnet_npu.model.optimized import OptimizedMODNet
 from modnet_npu.model.modnet import IBNorm, MODNet, MODNetConfig, check_input_size
 from modnet_npu.model.precision import LAYER_THRESHOLDS  # re-exported: notebooks import it from here
 from modnet_npu.graph.weights import OnnxWeights, read_weights
@@ -211,10 +211,10 @@ def plan(model: MODNet, units: Sequence[str]) -> list[Boundary]:
 # --------------------------------------------------------------------------
 
 
-def fast_module_name(faithful: MODNet, name: str) -> str:
-    """The ``FastMODNet`` module computing what faithful module ``name`` (a unit or a block) does.
+def optimized_module_name(faithful: MODNet, name: str) -> str:
+    """The ``OptimizedMODNet`` module computing what faithful module ``name`` (a unit or a block) does.
 
-    ``FastMODNet`` keeps one module per unit: backbone blocks under ``enc2x``,
+    ``OptimizedMODNet`` keeps one module per unit: backbone blocks under ``enc2x``,
     ``enc4x``, ``enc32x`` (features 0-1, 2-3, 4-18), a block's convs renumbered
     under ``layers``, and each branch's Conv2dIBNormRelu by its own name.
     """
@@ -229,10 +229,10 @@ def fast_module_name(faithful: MODNet, name: str) -> str:
         nth = sum(isinstance(m, nn.Conv2d) for m in list(seq)[: int(parts[-1])])
         return f"{block}.layers.{nth}" if parts[1] == "conv" else f"{block}.{nth}"
     if name.startswith("lr_branch.se_block."):
-        raise LayerwiseError(f"{name}: FastMODNet applies its activation in forward, after the module")
+        raise LayerwiseError(f"{name}: OptimizedMODNet applies its activation in forward, after the module")
     if name.endswith(".layers.0") and name.split(".")[0] in ("lr_branch", "hr_branch", "f_branch"):
         return name.split(".", 1)[1][: -len(".layers.0")]
-    raise LayerwiseError(f"{name}: FastMODNet has no module of its own for it")
+    raise LayerwiseError(f"{name}: OptimizedMODNet has no module of its own for it")
 
 
 @dataclass(frozen=True)
@@ -245,14 +245,14 @@ class Taps:
 
 def device_taps(model: nn.Module, faithful: MODNet, b: Boundary) -> Taps:
     """The device model's modules for boundary ``b``; LayerwiseError with the reason when it has none."""
-    if not isinstance(model, FastMODNet):
+    if not isinstance(model, OptimizedMODNet):
         return Taps(b.out_module, b.chain[0])
     first = b.chain[0]
-    in_module = fast_module_name(faithful, first)
+    in_module = optimized_module_name(faithful, first)
     if b.out_module is None:
         return Taps(None, in_module)
     # a stage is its block's output; a unit and a branch are the (last) unit's module output
-    out = fast_module_name(faithful, b.out_module if b.layer in STAGES else b.unit)
+    out = optimized_module_name(faithful, b.out_module if b.layer in STAGES else b.unit)
     if isinstance(faithful.get_submodule(first), nn.Conv2d):
         dev, ref = model.get_submodule(out), faithful.get_submodule(first)
         if dev.conv.weight.shape != ref.weight.shape:
@@ -263,8 +263,8 @@ def device_taps(model: nn.Module, faithful: MODNet, b: Boundary) -> Taps:
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:
-    # FastMODNet keeps its backbone in float32 and takes float32 input at any precision
-    if isinstance(model, FastMODNet):
+    # OptimizedMODNet keeps its backbone in float32 and takes float32 input at any precision
+    if isinstance(model, OptimizedMODNet):
         return torch.float32
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
@@ -656,7 +656,7 @@ def compare_layers(
     threshold: float | None = None,
     precision: str = "fp32",
 ) -> LayerwiseReport:
-    """Compare ``model`` (``MODNet`` or ``FastMODNet``, any precision) with ONNX Runtime, layer by layer.
+    """Compare ``model`` (``MODNet`` or ``OptimizedMODNet``, any precision) with ONNX Runtime, layer by layer.
 
     ``x``: normalised float32 input [N, 3, H, W] (H, W multiples of 32; the
     file's fixed sizes if it has any). ``device``: where the model runs (moved
@@ -664,8 +664,8 @@ def compare_layers(
     on the relative error; None takes ``LAYER_THRESHOLDS[precision]``.
     """
     limit = _threshold(threshold, precision)
-    if not isinstance(model, (MODNet, FastMODNet)):
-        raise LayerwiseError(f"model must be a MODNet or FastMODNet, got {type(model).__name__}")
+    if not isinstance(model, (MODNet, OptimizedMODNet)):
+        raise LayerwiseError(f"model must be a MODNet or OptimizedMODNet, got {type(model).__name__}")
     arr = check_input(x, model.cfg.in_channels)
     s = _setup(onnx_path, model.cfg, arr)
     if device is not None:

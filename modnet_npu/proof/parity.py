@@ -51,7 +51,7 @@ class CaseResult:
     passed: bool
     ground_truth: dict | None = None  # {"alpha": path, "ort": scores, "torch": scores}
 
-    def entry(self) -> dict:
+    def to_dict(self) -> dict:
         """The report's ``accuracy.per_image`` entry."""
         out = {"path": self.case.path, "size": list(self.case.size), "mae": self.floats.mae,
                "max_error": self.floats.max_error, "psnr_db": self.floats.psnr_db, "passed": self.passed}

@@ -19,7 +19,8 @@ from modnet_npu.conversion.convert import Conversion, convert
 from modnet_npu.runtime.engines import OrtEngine, TorchEngine
 from modnet_npu.fileio import STALE_AFTER_S, clean_stale_parts, write_bytes, write_image, write_json
 from modnet_npu.matting.imaging import Size, parse_size_spec, to_uint8
-from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, ModelSource, resolve_or_fallback
+from modnet_npu.runtime.options import EngineOptions
+from modnet_npu.source.resolve import ModelSource, resolve_or_fallback
 from modnet_npu.graph.analysis import ArchReport, count_ops
 from modnet_npu.proof.parity import Case, CaseResult, ParitySummary, Thresholds, list_images, plan_cases, run_case, summarize
 from modnet_npu.proof.parity import with_ground_truth
@@ -48,15 +49,22 @@ DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "output")
 TOTAL_STEPS = 7
 
 
+# The pipeline's engine defaults: the generated model stands in when the default id cannot be downloaded
+# (announced in a banner and in the report).
+ENGINE_DEFAULTS = EngineOptions(allow_synthetic=True)
+
+
 @dataclass(frozen=True)
 class Options:
-    """Everything a run can be told; the command line's defaults come from here."""
+    """Everything a run can be told; the command line's defaults come from here.
 
-    model: str = DEFAULT_MODEL_ID
-    sha256: str | None = None
-    models_dir: str = DEFAULT_MODELS_DIR
-    offline: bool = False
-    synthetic_fallback: bool = True
+    ``engine``: the model, device, precision, model form, threads and fast path
+    (``runtime.options``, shared with every tool). The PyTorch side always runs
+    with ``strict_fp32`` (a parity run); ``engine.backend``, ``engine.size`` and
+    ``engine.max_side`` do not apply (both engines run; ``size``/``sizes`` below).
+    """
+
+    engine: EngineOptions = ENGINE_DEFAULTS
     image: str = DEFAULT_IMAGE
     images: tuple[str, ...] = ()  # parity images (files); empty: ``image`` alone
     image_dirs: tuple[str, ...] = ()  # folders whose images join the parity run
@@ -65,15 +73,9 @@ class Options:
     alphas: str | None = None  # folder of ground-truth alpha mattes, matched by file stem
     layerwise: bool = False  # layer-by-layer comparison (also run once when parity fails)
     layer_threshold: float | None = None  # None: layerwise.LAYER_THRESHOLDS[precision]
-    device: str = "auto"
-    precision: str = "fp32"
     runs: int = 20
     warmup: int = 3
     batch_sizes: tuple[int, ...] = (1, 8)
-    threads: int = 0
-    model_form: str = "optimized"
-    compile: bool = False
-    graphs: str = "auto"
     mae_threshold: float | None = None  # None: MAE_THRESHOLDS[precision]
     max_threshold: float = MAX_ERROR_THRESHOLD
     output_dir: str = DEFAULT_OUTPUT
@@ -110,9 +112,10 @@ class _Steps:
 
 
 def step_model(opts: Options, say: _Steps) -> ModelSource:
-    say.start(f"Model: {opts.model}")
-    src = resolve_or_fallback(opts.model, opts.models_dir, allow_synthetic=opts.synthetic_fallback,
-                              sha256=opts.sha256, offline=opts.offline, timeout=opts.timeout,
+    e = opts.engine
+    say.start(f"Model: {e.model}")
+    src = resolve_or_fallback(e.model, e.models_dir, allow_synthetic=e.allow_synthetic,
+                              sha256=e.sha256, offline=e.offline, timeout=opts.timeout,
                               retries=opts.retries, log=say.detail)
     if src.warning:
         say.log(banner(src.warning))
@@ -194,19 +197,20 @@ def _operator_counts(conversion: Conversion, measured: torch.nn.Module, form: st
 def step_device(opts: Options, converted: Converted, size: Size, say: _Steps) -> DeviceSetup:
     from modnet_npu.model.optimized import optimize
 
-    say.start(f"Device: {opts.device}")
-    device = devices.select_device(opts.device)
+    e = opts.engine
+    say.start(f"Device: {e.device}")
+    device = devices.select_device(e.device)
     # strict fp32 for parity, set before anything touches the device (the engine activates it again, harmlessly)
     activation = devices.activate(device, strict_fp32=True)
     env = devices.environment(device)
-    say.detail(f"{device} ({env.device_name}), precision {opts.precision}"
+    say.detail(f"{device} ({env.device_name}), precision {e.precision}"
                + "".join(f", {k}={v}" for k, v in activation.requested.items()))
-    model = converted.conversion.model if opts.model_form == "faithful" else optimize(converted.conversion.model)
-    operators = _operator_counts(converted.conversion, model, opts.model_form, size)
-    engine = TorchEngine(model, device, precision=opts.precision, strict_fp32=True, compile=opts.compile,
-                         graphs=opts.graphs, threads=opts.threads, log=say.detail)
-    say.detail(f"model form {opts.model_form} ({operators[opts.model_form]['kernels']} kernel launches per "
-               f"forward); fast path: {engine.describe}")
+    model = converted.conversion.model if e.model_form == "faithful" else optimize(converted.conversion.model)
+    operators = _operator_counts(converted.conversion, model, e.model_form, size)
+    engine = TorchEngine(model, device, precision=e.precision, strict_fp32=True, compile=e.compile,
+                         graphs=e.graphs, threads=e.threads, log=say.detail)
+    say.detail(f"model form {e.model_form} ({operators[e.model_form]['kernels']} kernel launches per "
+               f"forward); fast path: {engine.fast_path}")
     return DeviceSetup(device, env, engine, operators)
 
 
@@ -239,7 +243,7 @@ def _layerwise(opts: Options, src: ModelSource, dev: DeviceSetup, worst: CaseRes
     say.detail(f"layer-by-layer comparison ({why}) on {os.path.basename(worst.case.path)} "
                f"at {worst.case.size[0]}x{worst.case.size[1]}")
     rep = compare_layers(src.path, dev.engine.model, worst.x, threshold=opts.layer_threshold,
-                         precision=opts.precision)
+                         precision=opts.engine.precision)
     say.detail(f"{rep.layers_compared} layers compared; first divergence: {rep.first_divergence or 'none'}; "
                f"worst local error: {rep.worst_local}")
     return rep
@@ -250,20 +254,21 @@ def _accuracy(opts: Options, summary: ParitySummary, dev: DeviceSetup, bounds: T
     worst = summary.worst
     extra: dict = {}
     if len(summary.results) > 1 or opts.alphas:
-        extra["per_image"] = [r.entry() for r in summary.results]
+        extra["per_image"] = [r.to_dict() for r in summary.results]
         extra["aggregate"] = summary.aggregate()
     if rep is not None:
         extra["layerwise"] = {"layers_compared": rep.layers_compared, "first_divergence": rep.first_divergence,
                               "worst_local": rep.worst_local, "skipped": [name for name, _ in rep.skipped],
                               "threshold": rep.threshold}
     return Accuracy(**asdict(worst.floats), png=worst.png, thresholds={"mae": bounds.mae, "max_error": bounds.max_error},
-                    passed=summary.passed, precision=opts.precision,
+                    passed=summary.passed, precision=opts.engine.precision,
                     # read back after the device ran: CANN applies some options only at device start
-                    device_settings=dev.engine.device_settings().as_dict(), extra=extra)
+                    device_settings=dev.engine.device_settings().to_dict(), extra=extra)
 
 
 def _bounds(opts: Options) -> Thresholds:
-    return Thresholds(opts.mae_threshold if opts.mae_threshold is not None else MAE_THRESHOLDS[opts.precision],
+    """The parity bounds of the PyTorch side: the options', else its precision's defaults."""
+    return Thresholds(opts.mae_threshold if opts.mae_threshold is not None else MAE_THRESHOLDS[opts.engine.precision],
                       opts.max_threshold)
 
 
@@ -272,8 +277,7 @@ def step_parity(opts: Options, src: ModelSource, analysis: Analysis, dev: Device
     first = analysis.cases[0]
     subject = os.path.basename(first.path) if len(analysis.cases) == 1 else f"{len(analysis.cases)} cases"
     say.start(f"Parity: ONNX Runtime CPU vs PyTorch {dev.device.type} on {subject}")
-    bounds = Thresholds(opts.mae_threshold if opts.mae_threshold is not None else MAE_THRESHOLDS[opts.precision],
-                        opts.max_threshold)
+    bounds = _bounds(opts)
     results = _ground_truth([run_case(c, ort, dev.engine, bounds) for c in analysis.cases], opts.alphas)
     summary = summarize(results)
     for r in results if len(results) > 1 else []:
@@ -305,7 +309,7 @@ class Benchmark:
 
 
 def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarray, say: _Steps) -> Benchmark:
-    threads = opts.threads  # the effective count: run() resolved it
+    threads = opts.engine.threads  # the effective count: run() resolved it
     say.start(f"Benchmark: {opts.warmup} warm-up + {opts.runs} timed runs each, interleaved, {threads} CPU thread(s)")
     engine = dev.engine
     xt = engine.to_device(x)
@@ -317,9 +321,9 @@ def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarra
         throughput = [_throughput(ort, engine, x, b, opts.runs) for b in opts.batch_sizes]
     performance = Performance(
         ort_cpu=latency_stats(times["ort"]), torch=latency_stats(times["torch"]), device_type=dev.device.type,
-        throughput=throughput, threads=threads, model_form=opts.model_form, fast_path=engine.describe,
+        throughput=throughput, threads=threads, model_form=opts.engine.model_form, fast_path=engine.fast_path,
         operators=dev.operators,
-        extra={"fast_path_details": engine.fast_path_stats().as_dict(), **probe.result.as_dict()},
+        extra={"fast_path_details": engine.fast_path_stats().to_dict(), **probe.result.to_dict()},
     )
     mem = memory(devices.peak_memory_mb(dev.device), *devices.process_rss_mb())
     say.detail(f"ORT CPU median {performance.ort_cpu.median_ms:.2f} ms, PyTorch {dev.device.type} median "
@@ -394,14 +398,15 @@ class Outcome:
 def run(opts: Options) -> Outcome:
     """Run the whole pipeline; returns the report (also written to disk) and the layerwise comparison."""
     started = time.perf_counter()
-    opts = replace(opts, threads=effective_threads(opts.threads))  # 0: the CPUs free now; never above the CPUs
+    # 0: the CPUs free now; never above the CPUs (process_setup's policy, as every tool)
+    opts = replace(opts, engine=replace(opts.engine, threads=effective_threads(opts.engine.threads)))
     say = _Steps(opts.log)
     # temporaries a killed earlier run left in the output folder (older than any live one)
     clean_stale_parts(opts.output_dir, older_than=time.time() - STALE_AFTER_S)
-    devices.select_device(opts.device)  # a missing device fails now, not after the slow steps
+    devices.select_device(opts.engine.device)  # a missing device fails now, not after the slow steps
     # each route asked for is installed (one line and stop, if not), before the slow steps
     plan = routes.plan_routes(opts.routes, precision=opts.route_precision, soc_version=opts.soc_version,
-                              device=opts.device)
+                              device=opts.engine.device)
     src = step_model(opts, say)
     converted = step_convert(src, say)
     analysis = step_analyse(opts, converted, say)
@@ -412,15 +417,15 @@ def run(opts: Options) -> Outcome:
         opened = routes.open_routes(plan, model_path=src.path, model_sha256=src.sha256,
                                     input_name=converted.conversion.report.input_name,
                                     sizes=[c.size for c in analysis.cases], torch_engine=dev.engine,
-                                    cache_dir=os.path.join(opts.models_dir, ".om-cache"), threads=opts.threads,
-                                    log=say.detail)
-        ort = OrtEngine(src.path, threads=opts.threads, validate=False)  # converted in step 2
+                                    cache_dir=os.path.join(opts.engine.models_dir, ".om-cache"),
+                                    threads=opts.engine.threads, log=say.detail)
+        ort = OrtEngine(src.path, threads=opts.engine.threads, validate=False)  # converted in step 2
         parity = step_parity(opts, src, analysis, dev, ort, say)
         bench = step_benchmark(opts, dev, ort, parity.x, say)
         if opened is not None:
             routed = opened.measure(parity.summary.results, ort=ort, torch_bounds=_bounds(opts),
                                     mae_threshold=opts.mae_threshold, max_threshold=opts.max_threshold,
-                                    runs=opts.runs, warmup=opts.warmup, threads=opts.threads, log=say.detail)
+                                    runs=opts.runs, warmup=opts.warmup, threads=opts.engine.threads, log=say.detail)
         outputs = step_write(opts, src, parity, bench, analysis.size, say)
         if routed is not None:
             from modnet_npu.routes.chart import write_routes_figure

@@ -121,7 +121,7 @@ class Noise:
     threads: int  # the threads the timed code used
     noisy: bool
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         """The report's keys (``performance.load_average`` ...)."""
         return {"load_average": round(self.load_average, 2), "cpu_time_ratio": round(self.cpu_time_ratio, 2),
                 "other_cpu_load": None if self.other_cpu_load is None else round(self.other_cpu_load, 2),

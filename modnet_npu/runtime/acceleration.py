@@ -415,7 +415,7 @@ class FastPathStats:
     compiled_now: int = 0
     compiled_from_cache: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pieces"] = list(self.pieces)
         return d

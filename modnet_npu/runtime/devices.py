@@ -13,17 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import re
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, ContextManager
 
 import torch
-from modnet_npu.errors import ModnetError
-
-DEVICE_CHOICES = "auto|npu|npu:N|cuda|cuda:N|mps|cpu"
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|npu|cuda)(?::(\d+))?$")
+from modnet_npu.errors import ModnetError, UsageError
+from modnet_npu.runtime.options import DEVICE_CHOICES, parse_device  # noqa: F401  (DEVICE_CHOICES re-exported)
 
 
 class DeviceError(ModnetError, RuntimeError):
@@ -88,16 +85,16 @@ def _check_present(kind: str) -> None:
 def select_device(spec: str = "auto") -> torch.device:
     """``auto`` picks NPU, then CUDA, then MPS, then CPU. An explicit device that
     is missing raises DeviceError instead of silently running on the CPU."""
-    m = _DEVICE_RE.match(spec.strip().lower())
-    if not m:
-        raise DeviceError(f"unknown device {spec!r}; expected {DEVICE_CHOICES}")
-    kind, index = m.group(1), m.group(2)
+    try:
+        kind, index = parse_device(spec)  # the one parser of device strings
+    except UsageError as exc:
+        raise DeviceError(str(exc)) from None
     if kind == "auto":
         return _auto_device()
     _check_present(kind)
     if kind in ("cpu", "mps"):
         return torch.device(kind)
-    i = int(index or 0)
+    i = index or 0
     if i >= _count(kind):
         raise DeviceError(f"device '{kind}:{i}' asked for, but only {_count(kind)} {kind} device(s) are present")
     return torch.device(kind, i)
@@ -128,7 +125,7 @@ class DeviceSettings:
     in_force: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["notes"] = list(self.notes)
         return d

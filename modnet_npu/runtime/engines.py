@@ -9,13 +9,16 @@ ONNX graph on ONNX Runtime), else None.
   through the fast path of ``acceleration``.
 * :class:`OrtEngine` — ONNX Runtime on the CPU, on the ONNX file itself.
 
+Each has a ``description`` (the engine in words, for a user) and a ``fast_path``
+(what speeds the forward up: the pieces of ``acceleration``, or ``onnxruntime``).
+
 :func:`ort_session` is the one place an ONNX Runtime session is configured.
-:func:`open_engine` builds either from a model file; :func:`choose_backend`
-decides ``auto``.
+:func:`check_model` is the one model check of every path (local, Ray, service).
+:func:`open_engine` builds either from a model file and ``options.EngineOptions``;
+:func:`choose_backend` decides ``auto`` (with ``options.choose_engine``).
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import replace
@@ -28,16 +31,16 @@ from torch import nn
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.acceleration import FastPathStats, make_runner
+from modnet_npu.runtime.options import BACKEND_CHOICES, BACKENDS, EngineOptions, check_ort, choose_engine  # noqa: F401
+from modnet_npu.runtime.process_setup import effective_threads
 from modnet_npu.matting.imaging import Size
 from modnet_npu.model.precision import check as check_precision
-
-BACKENDS = ("torch", "ort")
-BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 class Engine(Protocol):
     name: str
-    description: str
+    description: str  # the engine in words
+    fast_path: str  # what speeds its forward up
     fixed_size: Size | None
 
     def infer(self, x: np.ndarray) -> np.ndarray: ...
@@ -46,8 +49,21 @@ class Engine(Protocol):
 
 
 def default_threads(threads: int) -> int:
-    """``threads``, or every core when 0."""
-    return threads or (os.cpu_count() or 1)
+    """The thread count an engine uses: ``threads`` (clamped to this process's CPUs), or when 0 the CPUs
+    other processes leave free now: the one policy of every tool (``process_setup.effective_threads``)."""
+    return effective_threads(threads)
+
+
+def check_model(path: str) -> None:
+    """The model check of every path, local, Ray and service alike: the file converts to MODNet.
+
+    A truncated, random or non-MODNet file ends in one line (``ModnetError``)
+    before any engine reads it: never ONNX Runtime's tracebacks, never a
+    foreign network run as if it were MODNet.
+    """
+    from modnet_npu.conversion.convert import convert
+
+    convert(path)
 
 
 # --------------------------------------------------------------------------
@@ -105,14 +121,11 @@ class OrtEngine:
     """ONNX Runtime on the CPU, on the ONNX file itself."""
 
     name = "ort"
+    fast_path = "onnxruntime"
 
     def __init__(self, onnx_path: str, *, threads: int = 0, validate: bool = True) -> None:
-        if validate:
-            # the same checks and one-line errors as the PyTorch side: a truncated,
-            # random or non-MODNet file must not reach ONNX Runtime's tracebacks
-            from modnet_npu.conversion.convert import convert
-
-            convert(onnx_path)
+        if validate:  # the checks and one-line errors of the PyTorch side, which converts the file anyway
+            check_model(onnx_path)
         self.session = ort_session(onnx_path, threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -183,13 +196,14 @@ class TorchEngine:
                                   threads=default_threads(threads), log=log)
 
     @property
-    def describe(self) -> str:
-        """The fast path's pieces, saying so when graph captures failed."""
+    def fast_path(self) -> str:
+        """The fast path's pieces, saying so when graph captures failed (``eager`` when none)."""
         return self.runner.describe
 
     @property
     def description(self) -> str:
-        return f"PyTorch on {self.device} ({self.precision}; {self.describe})"
+        """The engine in words: device, precision and fast path."""
+        return f"PyTorch on {self.device} ({self.precision}; {self.fast_path})"
 
     def fast_path_stats(self) -> FastPathStats:
         """Graph captures, replays and failures (with reasons), compilations: what the fast path did so far."""
@@ -229,44 +243,39 @@ class TorchEngine:
 # --------------------------------------------------------------------------
 
 
-def choose_backend(backend: str, device: str) -> tuple[str, str]:
+def _local_accelerator() -> tuple[str, str]:
+    chosen = devices.select_device("auto")
+    return chosen.type, "no accelerator found" if chosen.type == "cpu" else f"accelerator {chosen} found"
+
+
+def choose_backend(backend: str, device: str, precision: str = "fp32") -> tuple[str, str]:
     """``auto``: PyTorch when an accelerator is there (or asked for), ONNX Runtime on a CPU-only machine.
 
     On a CPU, ONNX Runtime is the faster engine for MODNet (README, benchmark.py
     engines); on an accelerator, PyTorch is the one that uses it. Returns
-    (backend, why).
+    (backend, why); the decision is ``options.choose_engine``'s, asked about this machine.
     """
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
-    if backend != "auto":
-        return backend, "asked for"
-    if device != "auto":  # a device is a PyTorch choice, the CPU included
-        return "torch", f"device {device} asked for"
-    chosen = devices.select_device("auto")
-    if chosen.type == "cpu":
-        return "ort", "no accelerator found: ONNX Runtime is the faster engine on a CPU"
-    return "torch", f"accelerator {chosen} found"
+    choice = choose_engine(backend, device, precision, find_accelerator=_local_accelerator)
+    return choice.backend, choice.why
 
 
-def open_engine(backend: str, onnx_path: str, *, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                compile: bool = False, graphs: str = "auto", strict_fp32: bool = False, validate: bool = True,
+def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOptions(), *, validate: bool = True,
                 log: Callable[[str], None] = lambda m: None) -> TorchEngine | OrtEngine:
-    """An engine of kind ``backend`` (``torch`` or ``ort``) on the model file at ``onnx_path``.
+    """An engine of kind ``backend`` (``torch`` or ``ort``, as chosen) on the model file at ``onnx_path``.
 
-    ``strict_fp32`` (torch): fp32 convolutions in fp32 on a 910B or CUDA, not HF32 / TF32.
-    ``validate`` (ort): check the file is a MODNet first (torch converts it, which checks anyway).
+    Of ``options`` it reads what applies to the backend: device, precision,
+    threads (both); model form, fast path and ``strict_fp32`` (torch).
+    ``validate`` (ort): :func:`check_model` first (torch converts the file, which checks anyway).
     """
     if backend == "ort":
-        if device not in ("auto", "cpu"):
-            raise ValueError(f"the ort backend runs on the CPU; --device {device} needs --backend torch")
-        if check_precision(precision) != "fp32":
-            raise ValueError(f"the ort backend runs the file as it is; --precision {precision} needs --backend torch")
-        return OrtEngine(onnx_path, threads=threads, validate=validate)
+        check_ort(options.device, options.precision)
+        return OrtEngine(onnx_path, threads=options.threads, validate=validate)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from modnet_npu.conversion.convert import build_torch_model_from_onnx
 
-    target = devices.select_device(device)
-    model = build_torch_model_from_onnx(onnx_path)  # on the CPU: TorchEngine readies the device first
-    return TorchEngine(model, target, precision=precision, strict_fp32=strict_fp32, compile=compile, graphs=graphs,
-                       threads=threads, log=log)
+    target = devices.select_device(options.device)
+    # on the CPU: TorchEngine readies the device first
+    model = build_torch_model_from_onnx(onnx_path, optimize=options.model_form == "optimized")
+    return TorchEngine(model, target, precision=options.precision, strict_fp32=options.strict_fp32,
+                       compile=options.compile, graphs=options.graphs, threads=options.threads, log=log)

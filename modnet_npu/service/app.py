@@ -39,14 +39,15 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modnet_npu.service import url_fetch
-from modnet_npu.matting.imaging import (ImageReadError, ShortSide, Size, SizeSpec, cutout, input_size, load_image, parse_color,
+from modnet_npu.matting.imaging import (ImageReadError, ShortSide, Size, SizeSpec, cutout, load_image, parse_color,
                      parse_size_spec)
+from modnet_npu.matting import codec
+from modnet_npu.matting.codec import CONTENT_TYPES
 from modnet_npu.matting.matter import MODES, Matter, render
 
 log = logging.getLogger("modnet.serve")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
 MATTE_FIELDS = ("mode", "background", "size", "format", "url")
 # rembg's server parameters that choose among its own models or tune its own
 # post-processing: meaningless for MODNet, accepted so that existing clients work
@@ -400,19 +401,9 @@ def render_bytes(params: MatteParams, rgb: np.ndarray, alpha: np.ndarray,
 
 
 def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
-    """Bytes in ``fmt`` (JPEG has no alpha: RGBA goes out as PNG), with the settings of ``jobs.save_output``."""
-    if fmt == "jpg" and array.ndim == 3 and array.shape[2] == 4:
-        fmt = "png"
-    img = Image.fromarray(array)
-    buf = io.BytesIO()
-    if fmt == "jpg":
-        img.save(buf, format="JPEG", quality=95)
-    elif fmt == "webp":
-        rgba = array.ndim == 3 and array.shape[2] == 4
-        img.save(buf, format="WEBP", **({"lossless": True} if rgba else {"quality": 95}))
-    else:
-        img.save(buf, format="PNG")
-    return buf.getvalue(), CONTENT_TYPES[fmt]
+    """Bytes in ``fmt`` (JPEG has no alpha: RGBA goes out as PNG) and their content type: ``codec.encode``."""
+    encoded = codec.encode(array, fmt)
+    return encoded.data, encoded.content_type
 
 
 def parse_multipart(body: bytes, content_type: str, max_bytes: int) -> tuple[dict[str, str], dict[str, bytes]]:
@@ -555,16 +546,11 @@ class Service:
         return fetched.data
 
     def model_size(self, matter: Matter, spec: SizeSpec | None, height: int, width: int) -> Size:
-        if spec is None:
-            return matter.model_size(height, width)
-        fixed = matter.engine.fixed_size
-        if fixed is not None:
-            raise ApiError(422, f"size: this model file takes {fixed[0]}x{fixed[1]} only on the "
-                                f"{matter.engine.name} backend")
+        """``Matter.model_size`` (the request's size, else the server's; ``--max-side``), its refusal a 422."""
         try:
-            return input_size(spec, height, width)
+            return matter.model_size(height, width, size=spec)
         except ValueError as exc:
-            raise ApiError(422, f"size: {exc}") from None
+            raise ApiError(422, f"size: {exc}" if spec is not None else str(exc)) from None
 
     async def infer(self, matter: Matter, rgb: np.ndarray, spec: SizeSpec | None, slot: Slot) -> Inferred:
         size = self.model_size(matter, spec, *rgb.shape[:2])
@@ -608,7 +594,7 @@ def _engine_info(matter: Matter) -> dict[str, Any]:
         "backend": engine.name,
         "device": str(getattr(engine, "device", "cpu")),
         "precision": getattr(engine, "precision", "fp32"),
-        "fast_path": getattr(engine, "describe", "onnxruntime"),
+        "fast_path": engine.fast_path,
         "engine": engine.description,
         "model_size": _size_text(matter),
     }
