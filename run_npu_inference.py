@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-from modnet_npu.cli import Parser, run_command
+from modnet_npu.cli import EXIT_CHECK_FAILED, Parser, run_command
 from modnet_npu.conversion.convert import build_torch_model_from_onnx
 from modnet_npu.errors import UsageError
 from modnet_npu.fileio import check_output_folder
@@ -177,11 +177,11 @@ def _print_outcome(outcome, output_dir: str) -> int:
         where = f" on {', '.join(failing)}" if failing else ""
         print(f"error: parity FAILED{where}: PyTorch output differs from ONNX Runtime beyond the thresholds",
               file=sys.stderr)
-        return 2
+        return EXIT_CHECK_FAILED
     if report.routes is not None and report.routes.failing:
         print(f"error: parity FAILED on route(s) {', '.join(report.routes.failing)}: their output differs from "
               "ONNX Runtime CPU beyond the thresholds (see the routes table)", file=sys.stderr)
-        return 2
+        return EXIT_CHECK_FAILED
     return 0
 
 
@@ -198,7 +198,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run the pipeline, print; every failure one ``error:`` line and the shared exit status
-    (``modnet_npu.cli``); a parity failure exits 2 after the report is written."""
+    (``modnet_npu.cli``); a parity failure exits 3 after the report is written."""
     return run_command(build_parser(), _main, argv)
 
 

@@ -6,6 +6,7 @@ Every tool exits with the same status for the same kind of failure:
 0     done
 1     the run failed (a missing or broken file, an absent device, …)
 2     a bad option or option value (argparse's errors and ``UsageError``)
+3     the run completed but its check failed (``run_npu_inference.py``: parity), report written
 130   interrupted (Ctrl-C, SIGTERM, SIGHUP), outputs cleaned up
 ====  ==================================================================
 
@@ -22,6 +23,7 @@ from modnet_npu.errors import ModnetError, UsageError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 3  # not a bad option: the outputs are written and say what failed
 EXIT_INTERRUPTED = 130
 MAX_LINE = 1000  # an error line never carries more than this (a hostile value is cut, not echoed whole)
 

@@ -57,7 +57,7 @@ def test_many_images_sizes_and_ground_truth_with_one_failing(photos, flavour_fil
     out = tmp_path / "o"
     code, text, err = _main(["--model", flavour_files["official"], "--images", str(images), "--sizes", "256,320",
                              "--alphas", str(alphas), "--output-dir", str(out), *FAST])
-    assert code == 2 and "parity FAILED" in err
+    assert code == 3 and "parity FAILED" in err
     report = json.loads((out / "evaluation_report.json").read_text())
     acc = report["accuracy"]
     per = acc["per_image"]

@@ -73,7 +73,7 @@ def test_local_dynamic_file_at_another_size(tmp_path, flavour_files, capsys):
 def test_parity_failure_exits_non_zero(tmp_path, webnn_file, capsys):
     code = rni.main(["--model", webnn_file, "--mae-threshold", "0", "--output-dir", str(tmp_path),
                      "--batch-sizes", "1", "--runs", "1", "--warmup", "0"])
-    assert code == 2 and "parity FAILED" in capsys.readouterr().err
+    assert code == 3 and "parity FAILED" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,code,expect", [
