@@ -129,6 +129,32 @@ def test_the_layerwise_session_still_computes_the_model(flavour_files, portrait_
     assert np.abs(got["output"] - expected).max() < 1e-5
 
 
+def test_the_layerwise_session_comes_from_the_one_session_factory(flavour_files, portrait_input, monkeypatch):
+    from modnet_npu.proof.layerwise import sides
+
+    calls = []
+    real = sides.ort_session
+    monkeypatch.setattr(sides, "ort_session", lambda model, *a, **kw: calls.append(kw) or real(model, *a, **kw))
+    layerwise.run_onnx(onnx.load(flavour_files["official"]), ["output"], portrait_input)
+    assert calls == [{"optimization": "none"}]
+
+
+def test_a_conversion_passed_in_is_reused_not_redone(flavour_files, small_input, monkeypatch):
+    from modnet_npu.proof.layerwise import compare as compare_module
+
+    path = flavour_files["official"]
+    conversion = convert(path)
+    model = optimize(convert(path).model)
+    expected = compare_layers(path, model, small_input).to_dict()
+    monkeypatch.setattr(compare_module, "convert", lambda *a, **kw: pytest.fail("converted the file again"))
+    got = compare_layers(path, model, small_input, conversion=conversion).to_dict()
+    assert got == expected
+    # the conversion's model is copied for the float64 reference, not cast in place
+    assert next(conversion.model.parameters()).dtype == torch.float32
+    with pytest.raises(LayerwiseError, match="the conversion given is of .*modnet_official.onnx, not of"):
+        compare_layers(flavour_files["webnn"], model, small_input, conversion=conversion)
+
+
 def test_time_at_256_is_small_enough_to_leave_on(reports):
     # measured on two idle cores: 1.3-1.5 s wall. When other jobs share the cores the wall
     # time says more about them, so the CPU time this process used (all threads) counts too.

@@ -23,7 +23,7 @@ from onnx import external_data_helper, numpy_helper
 
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
-from modnet_npu.graph.index import GraphIndex, attr
+from modnet_npu.graph.index import GraphIndex, attr, node_name
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -279,7 +279,7 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
             return np.array(a.i, dtype=np.int64)
         if a.name == "value_ints":
             return np.array(list(a.ints), dtype=np.int64)
-    raise OnnxReadError(f"Constant node {node.name or node.output[0]!r} has no supported value")
+    raise OnnxReadError(f"Constant node {node_name(node)!r} has no supported value")
 
 
 class OnnxWeights:
