@@ -21,6 +21,9 @@ Its modules, in the order a comparison uses them:
 * ``sides``: running ONNX Runtime (every compared tensor kept), PyTorch (hooks)
   and the float64 local reruns;
 * ``compare``: :func:`compare_layers`, the numbers of each row, the verdicts;
+* ``fp16``: what float16 would make of each row: its output's largest
+  magnitude and its InstanceNorm's sums, flagged where fp16 would overflow or
+  lose them (``LayerwiseReport.fp16_flagged``, ``layerwise.json``);
 * ``report``: the rows and verdicts as a report, JSON and a markdown table;
 * ``figure``: the error per layer as a PNG.
 
@@ -30,6 +33,7 @@ from modnet_npu.model.precision import LAYER_THRESHOLDS  # re-exported: notebook
 from modnet_npu.proof.layerwise.compare import check_input, check_onnx_shape, compare_layers, compare_tensors
 from modnet_npu.proof.layerwise.edges import onnx_tensors, residual_tensor, tail, tail_ops, unit_tensor
 from modnet_npu.proof.layerwise.figure import layerwise_figure
+from modnet_npu.proof.layerwise.fp16 import FP16_MAX, Fp16Range, InstanceNormSums
 from modnet_npu.proof.layerwise.forms import Taps, device_taps, fast_module_name
 from modnet_npu.proof.layerwise.plan import BRANCHES, MATTE, STAGES, Boundary, plan, unit_chain
 from modnet_npu.proof.layerwise.report import LayerRow, LayerwiseError, LayerwiseReport
@@ -37,7 +41,7 @@ from modnet_npu.proof.layerwise.sides import (Capture, DepthwiseConv64, local_re
                                               with_fast_depthwise)
 
 __all__ = [
-    "BRANCHES", "LAYER_THRESHOLDS", "MATTE", "STAGES", "Boundary", "Capture", "DepthwiseConv64", "LayerRow",
+    "BRANCHES", "FP16_MAX", "Fp16Range", "InstanceNormSums", "LAYER_THRESHOLDS", "MATTE", "STAGES", "Boundary", "Capture", "DepthwiseConv64", "LayerRow",
     "LayerwiseError", "LayerwiseReport", "Taps", "check_input", "check_onnx_shape", "compare_layers",
     "compare_tensors", "device_taps", "fast_module_name", "layerwise_figure", "local_reference", "onnx_tensors",
     "plan", "residual_tensor", "run_onnx", "run_torch", "tail", "tail_ops", "unit_chain", "unit_tensor",

@@ -42,6 +42,7 @@ from modnet_npu.model.modnet import MODNet, MODNetConfig, check_input_size
 from modnet_npu.model.optimized import FastMODNet
 from modnet_npu.model.precision import LAYER_THRESHOLDS
 from modnet_npu.proof.layerwise.edges import onnx_tensors
+from modnet_npu.proof.layerwise.fp16 import SumRecorder, output_range, peak
 from modnet_npu.proof.layerwise.forms import Taps, device_taps, input_dtype, model_device
 from modnet_npu.proof.layerwise.plan import Boundary, plan
 from modnet_npu.proof.layerwise.report import LayerRow, LayerwiseError, LayerwiseReport, verdicts
@@ -215,15 +216,19 @@ def _rows(
     for b, t in taps:
         groups[t.in_module, b.chain, b.sigmoid].append((b, t))
     done: dict[str, LayerRow] = {}
-    for (in_module, chain, sigmoid), members in groups.items():
-        local = local_reference(s.local, chain, sigmoid, cap.inputs[in_module])
-        for b, t in members:
-            dev, tensor = cap.outputs[t.out_module or ""], s.tensors[b.layer][0]
-            ref = ort_out[tensor]
-            if ref.size != dev.numel():
-                skipped.append((b.layer, f"ONNX tensor {tensor!r} is {list(ref.shape)}, PyTorch's {list(dev.shape)}"))
-                continue
-            done[b.layer] = LayerRow(b.layer, s.index.display_name(tensor), tuple(dev.shape), *compare_tensors(dev, ref, local))
-        del local
+    with SumRecorder(s.local) as sums:
+        for (in_module, chain, sigmoid), members in groups.items():
+            local = local_reference(s.local, chain, sigmoid, cap.inputs[in_module])
+            norm = sums.take()  # the InstanceNorm sums of this rerun, if its chain has an IBNorm
+            for b, t in members:
+                dev, tensor = cap.outputs[t.out_module or ""], s.tensors[b.layer][0]
+                ref = ort_out[tensor]
+                if ref.size != dev.numel():
+                    skipped.append((b.layer, f"ONNX tensor {tensor!r} is {list(ref.shape)}, "
+                                              f"PyTorch's {list(dev.shape)}"))
+                    continue
+                done[b.layer] = LayerRow(b.layer, s.index.display_name(tensor), tuple(dev.shape),
+                                         *compare_tensors(dev, ref, local), output_range(peak(ref), norm))
+            del local
     order = sorted(taps, key=lambda bt: cap.order[bt[1].out_module or ""])  # stable: units before branches
     return [done[b.layer] for b, _ in order if b.layer in done]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from modnet_npu.errors import ModnetError
+from modnet_npu.proof.layerwise.fp16 import FP16_MAX, FP16_MIN_NORMAL, Fp16Range
 
 
 class LayerwiseError(ModnetError, ValueError):
@@ -23,10 +24,18 @@ class LayerRow:
     cosine: float
     local_max_abs: float  # max |float64 reference of this layer on the device's input - device output|
     local_rel: float  # local_max_abs / max |ONNX Runtime tensor|, comparable with rel
+    fp16: Fp16Range  # what float16 would make of the output (and of the layer's InstanceNorm sums)
 
 
-def _finite(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
+def _finite(v: object) -> object:
+    """``v`` with every non-finite float, however deeply nested, as None (JSON has no inf or nan)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 @dataclass(frozen=True)
@@ -38,18 +47,24 @@ class LayerwiseReport:
     threshold: float
     layers_compared: int
 
+    @property
+    def fp16_flagged(self) -> tuple[str, ...]:
+        """The layers whose values float16 would overflow or lose, in execution order."""
+        return tuple(r.layer for r in self.rows if r.fp16.flagged)
+
     def to_dict(self) -> dict:
-        """JSON-ready: every row, the skipped layers and the two verdicts (non-finite numbers as None)."""
+        """JSON-ready: every row, the skipped layers, the two verdicts and the fp16 flags (non-finite as None)."""
         rows = []
         for r in self.rows:
             d = asdict(r)
-            d["shape"] = list(r.shape)
-            rows.append({k: (_finite(v) if isinstance(v, float) else v) for k, v in d.items()})
+            d["fp16"]["flagged"] = r.fp16.flagged
+            rows.append(_finite(d))
         return {
             "threshold": self.threshold,
             "layers_compared": self.layers_compared,
             "first_divergence": self.first_divergence,
             "worst_local": self.worst_local,
+            "fp16": {"max": FP16_MAX, "min_normal": FP16_MIN_NORMAL, "flagged": list(self.fp16_flagged)},
             "rows": rows,
             "skipped": [{"layer": layer, "reason": reason} for layer, reason in self.skipped],
         }
