@@ -12,8 +12,9 @@ import sys
 from typing import Sequence
 
 from modnet_npu.cli import Parser, run_command
-from modnet_npu.conversion.convert import (CHECKPOINT_SUFFIXES, Conversion, ConversionError, ConversionReport,
-                                           build_torch_model_from_onnx, convert, save_state_dict)
+from modnet_npu.conversion.convert import (Conversion, ConversionError, ConversionReport, build_torch_model_from_onnx,
+                                           convert)
+from modnet_npu.conversion.state_dict import CHECKPOINT_SUFFIXES, save_state_dict
 from modnet_npu.errors import UsageError
 from modnet_npu.model.modnet import load_checkpoint
 

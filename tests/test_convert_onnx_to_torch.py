@@ -10,6 +10,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from modnet_npu.conversion import convert as c2t
+from modnet_npu.graph.index import node_name
 import convert_onnx_to_torch
 from modnet_npu.source.synthetic import FLAVOURS
 from modnet_npu.model.modnet import load_checkpoint
@@ -90,6 +91,31 @@ def test_report_accounts_for_everything(converted):
     assert len(modules) == len(set(modules))
     nodes = [n for layer in r.layers for n in layer.onnx_nodes]
     assert len(nodes) == len(set(nodes))
+
+
+def test_conversion_carries_the_mapping_behind_its_report(converted):
+    c = converted["anonymous"]  # unnamed nodes: the report names them by the index's display names
+    assert [u.name for u in c.units] == [layer.module for layer in c.report.layers]
+    for layer in c.report.layers:
+        unit = c.mapping[layer.module]
+        assert layer.onnx_nodes[0] == unit.name == node_name(unit.node)
+        assert c.graph.weights.index.producer(unit.node.output[0]) is unit.node
+    # one index per file: the conversion's graph walks the weights' own
+    assert c.graph.weights.index is c.graph.weights.index and len(c.graph.units) == c.report.num_units
+
+
+def test_unnamed_nodes_are_reported_by_op_and_output(tmp_path, webnn_file, converted):
+    m = onnx.load(webnn_file)
+    for node in m.graph.node:
+        node.name = ""
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(m, str(path))
+    c = c2t.convert(str(path))
+    first = c.report.layers[0]
+    unit = c.mapping[first.module]
+    assert first.onnx_nodes[0] == f"<Conv -> {unit.node.output[0]}>"
+    named = converted["webnn"].model.state_dict()
+    assert all(torch.equal(v, named[k]) for k, v in c.model.state_dict().items())
 
 
 def test_dynamo_export_keeps_batchnorm_unfolded_or_folded_alike(converted):

@@ -129,6 +129,32 @@ def test_the_layerwise_session_still_computes_the_model(flavour_files, portrait_
     assert np.abs(got["output"] - expected).max() < 1e-5
 
 
+def test_the_layerwise_session_comes_from_the_one_session_factory(flavour_files, portrait_input, monkeypatch):
+    from modnet_npu.proof.layerwise import sides
+
+    calls = []
+    real = sides.ort_session
+    monkeypatch.setattr(sides, "ort_session", lambda model, *a, **kw: calls.append(kw) or real(model, *a, **kw))
+    layerwise.run_onnx(onnx.load(flavour_files["official"]), ["output"], portrait_input)
+    assert calls == [{"optimization": "none"}]
+
+
+def test_a_conversion_passed_in_is_reused_not_redone(flavour_files, small_input, monkeypatch):
+    from modnet_npu.proof.layerwise import compare as compare_module
+
+    path = flavour_files["official"]
+    conversion = convert(path)
+    model = optimize(convert(path).model)
+    expected = compare_layers(path, model, small_input).to_dict()
+    monkeypatch.setattr(compare_module, "convert", lambda *a, **kw: pytest.fail("converted the file again"))
+    got = compare_layers(path, model, small_input, conversion=conversion).to_dict()
+    assert got == expected
+    # the conversion's model is copied for the float64 reference, not cast in place
+    assert next(conversion.model.parameters()).dtype == torch.float32
+    with pytest.raises(LayerwiseError, match="the conversion given is of .*modnet_official.onnx, not of"):
+        compare_layers(flavour_files["webnn"], model, small_input, conversion=conversion)
+
+
 def test_time_at_256_is_small_enough_to_leave_on(reports):
     # measured on two idle cores: 1.3-1.5 s wall. When other jobs share the cores the wall
     # time says more about them, so the CPU time this process used (all threads) counts too.
@@ -276,3 +302,75 @@ def test_figure_is_a_png_written_atomically(faults, tmp_path):
     layerwise_figure(faults["optimized", HR_LAYER], dest)
     assert dest.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["layerwise.png"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------
+# fp16 range: what float16 would make of each layer
+# --------------------------------------------------------------------------
+
+
+def test_fp16_spacing_is_numpys_for_float16():
+    from modnet_npu.proof.layerwise.fp16 import fp16_spacing
+
+    values = np.array([2.0 ** -20, 2.0 ** -14, 0.7, 1.0, 1000.0, 1024.0, 4097.0, 40000.0])
+    assert np.array_equal(fp16_spacing(values), np.spacing(values.astype(np.float16)).astype(np.float64))
+    assert fp16_spacing(np.array([65504.0]))[0] == 32.0  # where numpy's spacing overflows to inf
+
+
+@pytest.mark.parametrize("side, value, overflow, absorbed", [
+    (32, 1.0, False, False),  # Σx² = 1024, spacing 1: each term 1 still counts
+    (64, 1.0, False, True),  # Σx² = 4096, spacing 4: a term of 1 rounds away
+    (128, 2.0, True, True),  # Σx² = 65536 > 65504; terms of 4 stop counting at 32768 (spacing 32)
+    (256, 100.0, True, False),  # terms of 10000 are not absorbed, the sum overflows
+])
+def test_instance_norm_sums_on_known_planes(side, value, overflow, absorbed):
+    from modnet_npu.proof.layerwise.fp16 import instance_norm_sums
+
+    x = torch.full((1, 2, side, side), value, dtype=torch.float64)
+    x[0, 1] = -value / 2  # a second channel with smaller, negative values: the maxima come from the first
+    sums = instance_norm_sums("m", x)
+    assert sums.count == side * side
+    assert sums.max_abs_sum == side * side * value and sums.max_sum_squares == side * side * value * value
+    assert (sums.overflow, sums.absorbed) == (overflow, absorbed)
+
+
+def test_output_range_flags():
+    from modnet_npu.proof.layerwise.fp16 import output_range
+
+    assert output_range(65504.0).flagged is False and output_range(65505.0).overflow
+    assert output_range(2.0 ** -15).underflow and not output_range(2.0 ** -14).underflow
+    assert not output_range(0.0).flagged  # an all-zero tensor is exact in fp16
+
+
+def test_rows_carry_fp16_range_and_instance_norm_sums(reports, flavour_files, portrait_input):
+    rep = reports.get("webnn")
+    rows = {r.layer: r for r in rep.rows}
+    assert all(r.fp16.max_magnitude > 0 for r in rep.rows)
+    # the converted model's own output, measured here: the row's peak is ONNX Runtime's tensor's
+    assert rows["matte"].fp16.max_magnitude <= 1.0
+    # backbone layers have no InstanceNorm; every Conv2dIBNormRelu with an IBNorm does
+    assert rows["backbone.model.features.0.0"].fp16.instance_norm is None
+    layer, norm_module = "lr_branch.conv_lr16x.layers.0", "lr_branch.conv_lr16x.layers.1"
+    sums = rows[layer].fp16.instance_norm
+    assert sums is not None and sums.module == norm_module and sums.count == 16 * 16  # 256 / 16
+    # the same sums, measured independently: the float32 model's IBNorm input, summed in float64
+    model = convert(flavour_files["webnn"]).model
+    seen = {}
+
+    def record(module, inputs) -> None:  # returning None: a pre-hook's return value would replace the input
+        seen["x"] = inputs[0][:, module.bnorm_channels:].double()
+
+    handle = model.get_submodule(norm_module).register_forward_pre_hook(record)
+    with torch.no_grad():
+        model(torch.from_numpy(portrait_input))
+    handle.remove()
+    expected = float(seen["x"].square().sum((2, 3)).max())
+    conv = model.get_submodule(layer)
+    fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    # float32's conv differs from the float64 rerun by at most fan_in roundings per value; squared, twice that
+    assert abs(sums.max_sum_squares - expected) <= 2 * fan_in * 2.0 ** -24 * expected
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert d["fp16"]["max"] == 65504.0 and d["fp16"]["flagged"] == list(rep.fp16_flagged)
+    row = next(r for r in d["rows"] if r["layer"] == layer)
+    assert row["fp16"]["instance_norm"]["count"] == 256 and isinstance(row["fp16"]["flagged"], bool)
+    assert set(rep.fp16_flagged) == {r.layer for r in rep.rows if r.fp16.flagged}

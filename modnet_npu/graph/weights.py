@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from modnet_npu.fileio import atomic_path
 from modnet_npu.errors import ModnetError
+from modnet_npu.fileio import atomic_path
+from modnet_npu.graph.index import GraphIndex, attr, node_name
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -159,8 +160,8 @@ def _attribute_tensors(attr: onnx.AttributeProto) -> Iterator[onnx.TensorProto]:
 
 def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
     for node in nodes:
-        for attr in node.attribute:
-            yield from _attribute_tensors(attr)
+        for a in node.attribute:
+            yield from _attribute_tensors(a)
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -267,18 +268,18 @@ def _to_float32(array: np.ndarray) -> np.ndarray:
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    raise OnnxReadError(f"Constant node {node.name or node.output[0]!r} has no supported value")
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    raise OnnxReadError(f"Constant node {node_name(node)!r} has no supported value")
 
 
 class OnnxWeights:
@@ -297,7 +298,7 @@ class OnnxWeights:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 raw = _constant_node_value(node)
                 self._add(node.output[0], raw, raw.dtype.name, "constant")
-        self._producer = {out: node for node in graph.node for out in node.output if out}
+        self._index: GraphIndex | None = None
         self._derived: dict[str, np.ndarray | None] = {}
         self._derived_sources: dict[str, tuple[str, ...]] = {}
         self._facts: GraphFacts | None = None
@@ -307,6 +308,13 @@ class OnnxWeights:
         self.infos[name] = TensorInfo(name, tuple(int(d) for d in raw.shape), dtype, source)
 
     # ---- queries ---------------------------------------------------------
+
+    @property
+    def index(self) -> GraphIndex:
+        """Producers and consumers of the graph's tensors (built once: the model is not changed after loading)."""
+        if self._index is None:
+            self._index = GraphIndex(self.model.graph)
+        return self._index
 
     def resolve(self, name: str) -> np.ndarray | None:
         """The constant value carried by tensor ``name``, or None if it depends on data.
@@ -318,16 +326,16 @@ class OnnxWeights:
             return self.arrays[name]
         if name not in self._derived:
             value, sources = None, ()
-            node = self._producer.get(name)
+            node = self.index.producer(name)
             if node is not None and node.op_type in ("Cast", "Identity", "Transpose") and node.input:
                 inner = self.resolve(node.input[0])
                 if inner is not None:
                     sources = self.sources(node.input[0])
                     if node.op_type == "Transpose":
-                        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                        perm = attr(node, "perm")
                         value = np.ascontiguousarray(np.transpose(inner, perm))
                     elif node.op_type == "Cast" and inner.dtype.kind != "f":
-                        to = next(a.i for a in node.attribute if a.name == "to")
+                        to = int(attr(node, "to"))
                         value = _to_float32(inner.astype(onnx.helper.tensor_dtype_to_np_dtype(to)))
                     else:
                         # float -> float casts: the float32 copy already holds the

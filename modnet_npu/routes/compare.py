@@ -174,7 +174,7 @@ class OpenRoutes:
             out.append(RouteResult(r.name, r.setup(), parity[r.name], latency_stats(times[r.name]), r.first_run(),
                                    extra))
         report = RoutesReport(tuple(out), latency_stats(times["ort-cpu"]), self.size, runs, warmup, TIMED_CALL,
-                              probe.result.as_dict(), self.notes(), times)
+                              probe.result.to_dict(), self.notes(), times)
         log("routes median: " + ", ".join(f"{r.name} {r.latency.median_ms:.2f} ms" for r in out)
             + f" (ORT CPU {report.reference.median_ms:.2f} ms); {probe.result.describe()}")
         return report

@@ -37,7 +37,7 @@ class TorchRoute:
         from modnet_npu.runtime.devices import cann_version
 
         e = self.engine
-        settings = e.device_settings().as_dict()
+        settings = e.device_settings().to_dict()
         npu = e.device.type == "npu"
         versions = {"torch": torch.__version__}
         if npu:
@@ -46,7 +46,7 @@ class TorchRoute:
             versions |= {"torch_npu": getattr(torch_npu, "__version__", None), "cann": cann_version()}
         in_force = settings.get("in_force", {})
         modes = [f"{k}={v}" for k, v in in_force.items() if "PRECISION" in k or "HF32" in k or "tf32" in k]
-        return RouteSetup(runtime=f"PyTorch {torch.__version__} on {e.device} ({e.describe})", versions=versions,
+        return RouteSetup(runtime=f"PyTorch {torch.__version__} on {e.device} ({e.fast_path})", versions=versions,
                           device=str(e.device), precision=e.precision,
                           precision_mode=", ".join(modes) or f"{e.precision} as PyTorch computes it on {e.device}",
                           options=settings)
