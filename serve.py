@@ -3,7 +3,7 @@
 A web page at ``/``, the API under ``/api`` (``/api/matte``, rembg's
 ``/api/remove``, ``/api/info``), ``/healthz`` for load balancers; concurrent
 requests whose images share a model input size are inferred as one batch. The
-app itself is ``service.py``; this file is its command line: options, process
+app itself is ``modnet_npu/service/``; this file is its command line: options, process
 set-up, the listening socket and uvicorn.
 """
 from __future__ import annotations
@@ -16,14 +16,8 @@ if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinnin
 import argparse
 import logging
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -202,101 +196,6 @@ def _start(args: argparse.Namespace, sock: socket.socket) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return _serve(args, opts, sock)
-
-
-# --------------------------------------------------------------------------
-# a server in a child process, for tests and benchmarks
-# --------------------------------------------------------------------------
-
-_SERVING = re.compile(r"serving on (http://\S+?) ")
-
-
-class ServerProcess:
-    """``serve.py ARGS`` in a child process on a free loopback port, ready (``/healthz`` 200) on enter.
-
-    Always stopped on exit (SIGTERM, then SIGKILL after ``stop_timeout``), also
-    when start-up fails; its output goes to ``log_path``.
-    """
-
-    def __init__(self, args: Sequence[str], *, log_path: str, start_timeout: float = 180.0,
-                 stop_timeout: float = 20.0) -> None:
-        self.args = list(args)
-        self.log_path = log_path
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.health: list[int] = []  # the /healthz statuses seen while waiting
-
-    def __enter__(self) -> "ServerProcess":
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, script, "--host", "127.0.0.1", "--port", "0", *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        try:
-            self._wait_ready(time.monotonic() + self.start_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-
-    def _wait_ready(self, deadline: float) -> None:
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited with status {self.proc.returncode}: {self.log()[-2000:]}")
-            if not self.url:
-                found = _SERVING.search(self.log())
-                self.url = found.group(1) if found else ""
-            elif self._health() == 200:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"serve.py not ready after {self.start_timeout:g} s: {self.log()[-2000:]}")
-
-    def _health(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-        except OSError:
-            status = 0  # not accepting yet
-        self.health.append(status)
-        return status
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def rss_mb(self) -> float:
-        """The server's resident memory now (Linux)."""
-        with open(f"/proc/{self.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        raise RuntimeError("no VmRSS in /proc")
-
-    def stop(self) -> int | None:
-        """Stop the server; its exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Two kinds of server, both always shut down:
 
-* ``serve.py`` itself in a child process on a free port (:class:`serve.ServerProcess`):
+* ``serve.py`` itself in a child process on a free port (:class:`modnet_npu.service.child.ServerProcess`):
   every route, mode and format, the rembg routes, the limits, batching, and a
   soak whose memory is read from the child's ``/proc`` entry;
 * the app in this process, on a uvicorn thread, where a test needs to hold the
@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from conftest import PORTRAIT, loopback_http
-from serve import ServerProcess
+from modnet_npu.service.child import ServerProcess
 
 REQUEST_TIMEOUT = 120.0  # per request; generous for a busy 2-core machine, but bounded
 
