@@ -96,12 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body or fetched URL, in MB (decimal)")
     s.add_argument("--max-pixels", type=_number(float, 0, above=True), default=40.0, metavar="MP",
                    help="largest image, in megapixels (larger: 413, before decoding)")
+    s.add_argument("--max-model-pixels", type=_number(float, 0, above=True), default=2.1, metavar="MP",
+                   help="largest model input of a request, in megapixels (larger size=: 422); also the most "
+                        "model input pixels in one batch, which bounds a forward pass's memory")
     s.add_argument("--max-queue", type=_number(int, 1), default=64, help="requests in the service at once; more get 503")
+    s.add_argument("--max-queue-pixels", type=_number(float, 0), default=0.0, metavar="MP",
+                   help="image megapixels the requests in the service may hold at once; others wait their turn "
+                        "(0: twice --max-pixels)")
     s.add_argument("--timeout", type=_number(float, 0, above=True), default=60.0, help="seconds a request may wait for its matte (504)")
-    s.add_argument("--url-timeout", type=_number(float, 0, above=True), default=10.0, help="seconds to fetch a url= image")
+    s.add_argument("--url-timeout", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds to fetch a url= image, all of it: connecting, status line, headers, body")
     s.add_argument("--allow-private-urls", action="store_true",
                    help="let url= reach loopback, private, link-local and reserved addresses")
     s.add_argument("--io-threads", type=_number(int, 1), default=4, help="threads decoding and encoding images")
+    c = p.add_argument_group("connections (what a client may hold before its request is read)")
+    c.add_argument("--max-connections", type=_number(int, 1), default=64,
+                   help="open connections in all; a few more may still ask /healthz, the rest get 503 at once "
+                        "(lowered to fit ulimit -n)")
+    c.add_argument("--max-connections-per-client", type=_number(int, 1), default=16, metavar="N",
+                   help="open connections from one address (behind a proxy every client is the proxy: raise it)")
+    c.add_argument("--header-timeout", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds from a request's first byte to the end of its headers (else 408, closed)")
+    c.add_argument("--body-timeout", type=_number(float, 0, above=True), default=60.0,
+                   help="seconds to receive a request's body after its headers (408), and for a client to "
+                        "take its response")
+    c.add_argument("--keep-alive", type=_number(float, 0, above=True), default=5.0,
+                   help="seconds an idle connection (a new one, or between requests) is kept open")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -132,9 +152,32 @@ def _settings(args: argparse.Namespace):
     from modnet_npu.service.app import ServiceSettings
 
     return ServiceSettings(batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, max_bytes=args.max_bytes,
-                           max_pixels=int(args.max_pixels * 1_000_000), max_queue=args.max_queue,
+                           max_pixels=int(args.max_pixels * 1_000_000),
+                           max_model_pixels=int(args.max_model_pixels * 1_000_000), max_queue=args.max_queue,
+                           queue_pixels=int(args.max_queue_pixels * 1_000_000),
                            timeout_s=args.timeout, fetch_timeout_s=args.url_timeout,
-                           allow_private_urls=args.allow_private_urls, io_threads=args.io_threads)
+                           allow_private_urls=args.allow_private_urls, io_threads=args.io_threads,
+                           max_connections=args.max_connections,
+                           max_connections_per_client=args.max_connections_per_client,
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                           keep_alive_s=args.keep_alive)
+
+
+def _uvicorn_config(app, settings, log_level: str):
+    """uvicorn's settings: its h11 protocol with the service's connection guard (connections.py says why)."""
+    import uvicorn
+
+    from modnet_npu.service.connections import guarded_protocol
+
+    return uvicorn.Config(
+        app, log_level=log_level, lifespan="on",
+        http=guarded_protocol(app.state.connections),  # deadlines and caps before a request is read
+        timeout_keep_alive=settings.keep_alive_s,  # the guard applies it to new connections too
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: h11's default, stated
+        limit_concurrency=None,  # the guard's caps instead: this one would answer 503 to /healthz too
+        timeout_graceful_shutdown=10,  # then in-flight requests are cancelled (their URL fetches closed)
+        server_header=False,
+    )
 
 
 def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -> int:
@@ -152,9 +195,13 @@ def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
         if server is not None:
             server.should_exit = True  # uvicorn polls it; the lifespan then closes the service
 
-    app = create_app(_settings(args), lambda: _open_matter(opts, size_spec), on_fatal=fatal)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10, lifespan="on")
-    server = uvicorn.Server(config)
+    from modnet_npu.service.connections import fit_to_descriptors
+
+    settings, lowered = fit_to_descriptors(_settings(args))
+    if lowered:
+        logging.getLogger("modnet.serve").warning("WARNING: %s", lowered)
+    app = create_app(settings, lambda: _open_matter(opts, size_spec), on_fatal=fatal)
+    server = uvicorn.Server(_uvicorn_config(app, settings, args.log_level))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port} (the model loads now; /healthz answers 200 once it is ready)",

@@ -111,8 +111,16 @@ def test_info_reports_engine_model_and_limits(client, flavour_files):
     assert info["model"] == {"source": "local", "file": "modnet_official.onnx", "sha256": expected_sha,
                              "method": None, "warning": None}
     assert info["warning"] is None and info["model_size"] == "short side 256"
-    assert info["limits"] == {"max_bytes": 20_000_000, "max_pixels": 40_000_000, "max_queue": 64,
-                              "timeout_s": 60.0, "url_timeout_s": 10.0, "private_urls_allowed": False}
+    assert info["limits"] == {"max_bytes": 20_000_000, "max_pixels": 40_000_000, "max_model_pixels": 2_100_000,
+                              "max_queue": 64, "queue_pixels": 80_000_000, "timeout_s": 60.0,
+                              "url_timeout_s": 10.0, "private_urls_allowed": False, "max_connections": 64,
+                              "max_connections_per_client": 16, "header_timeout_s": 10.0,
+                              "body_timeout_s": 60.0, "keep_alive_s": 5.0}
+    bound = info["memory_bound_mb"]  # the limits' worst case, term by term (limits.memory_bound)
+    assert bound["bodies"] == 64 * 20.0 and bound["images"] == 7 * 80.0 and bound["forward"] == 600 * 2.1
+    assert bound["total"] == pytest.approx(sum(v for k, v in bound.items() if k != "total"), abs=0.5)
+    assert 50 < bound["base"] < 4000  # this process after warm-up, measured
+    assert info["connections"]["open"] >= 1 and info["connections"]["refused"] == 0
     assert info["batching"]["max_batch"] == 8 and info["batching"]["window_ms"] == 5.0
     assert {"model", "a", "af", "ab", "ae", "ppm", "extras"} <= set(info["rembg"]["ignored_parameters"])
     assert set(info["rembg"]["honoured"]) == {"om", "bgc"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -24,16 +25,24 @@ from modnet_npu.service.limits import ApiError
 
 
 class Admission:
-    """Requests in the service, from the first byte read to the last byte encoded.
+    """Requests in the service, from their complete body to the last byte of their answer.
 
-    Bounding them bounds memory (each holds at most a body of ``max_bytes`` and
-    an image of ``max_pixels``) and the wait behind the inference worker; the
-    rest are told to come back (503 with Retry-After) instead of piling up.
+    Two bounds: the number of requests (``limit``; more get 503 with
+    Retry-After instead of piling up), and the image pixels they hold
+    (``pixel_budget``): a request that has read its image's header waits its
+    turn (first come, first served) until its pixels fit, for at most its
+    time-out. Together with the per-pixel costs in :mod:`limits` they bound
+    memory, whatever the mix of image sizes. A request is admitted only once
+    its body is in (``app.read_input``): a client that sends headers and no body
+    holds a connection, never a place here.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, pixel_budget: int) -> None:
         self.limit = limit
+        self.pixel_budget = pixel_budget
         self.active = 0
+        self.pixels = 0
+        self._waiters: deque[_PixelWait] = deque()
 
     def enter(self) -> "Slot":
         if self.active >= self.limit:
@@ -42,9 +51,55 @@ class Admission:
         self.active += 1
         return Slot(self)
 
+    async def reserve(self, slot: "Slot", pixels: int, timeout: float) -> None:
+        """Hold ``pixels`` for ``slot`` (returned when it is released); 503 when they do not fit in time.
+
+        An image larger than the whole budget (possible only when the budget is
+        set below twice --max-pixels) waits until it can run alone.
+        """
+        wait = _PixelWait(slot, min(pixels, self.pixel_budget), asyncio.get_running_loop().create_future())
+        self._waiters.append(wait)
+        self._wake()
+        if wait.future.done():
+            return
+        try:
+            await asyncio.wait_for(wait.future, timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"server busy: {self.pixels / 1e6:.1f} MP of images in service (the limit is "
+                                f"{self.pixel_budget / 1e6:g} MP); retry shortly", {"Retry-After": "1"}) from None
+        finally:
+            self._wake()  # a wait given up at the head must not block those behind it
+
+    def _wake(self) -> None:
+        while self._waiters:
+            head = self._waiters[0]
+            if head.future.done():  # given up (time-out, client gone)
+                self._waiters.popleft()
+                continue
+            if self.pixels + head.pixels > self.pixel_budget:
+                return
+            self._waiters.popleft()
+            # granted here, to the slot itself: whatever happens to the waiting task, release() returns them
+            self.pixels += head.pixels
+            head.slot.pixels += head.pixels
+            head.future.set_result(None)
+
+    def _release(self, slot: "Slot") -> None:
+        self.active -= 1
+        self.pixels -= slot.pixels
+        slot.pixels = 0
+        self._wake()
+
+
+@dataclass
+class _PixelWait:
+    slot: "Slot"
+    pixels: int
+    future: asyncio.Future
+
 
 class Slot:
-    """One admitted request; freed when both its handler and its inference (if any) are done.
+    """One admitted request; freed when its handler, its answer and its inference (if any) are done.
 
     A request that timed out leaves its handler while its image may still be in
     a forward pass; the slot stays taken until that pass ends, so clients that
@@ -54,6 +109,7 @@ class Slot:
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.refs = 1
+        self.pixels = 0
 
     def share(self) -> "Slot":
         self.refs += 1
@@ -62,7 +118,7 @@ class Slot:
     def release(self) -> None:
         self.refs -= 1
         if self.refs == 0:
-            self.admission.active -= 1
+            self.admission._release(self)
 
 
 # --------------------------------------------------------------------------
@@ -89,17 +145,21 @@ class _Waiting:
 class Batcher:
     """Waiting images grouped by model input size; each group run as one forward on one worker thread.
 
-    A group runs when it holds ``max_batch`` images or its oldest image has
-    waited ``window_s``, and only when the worker is free: while a forward
-    runs, the next group keeps filling, so under load batches grow by
-    themselves, and a lone request waits at most the window.
+    A group runs when it is full or its oldest image has waited ``window_s``,
+    and only when the worker is free: while a forward runs, the next group
+    keeps filling, so under load batches grow by themselves, and a lone request
+    waits at most the window. Full is ``max_batch`` images, or fewer where the
+    model input is large: a batch holds at most ``max_pixels`` model input
+    pixels (at least one image), so one forward's memory is bounded whatever the
+    size (:data:`limits.FORWARD_BYTES_PER_MODEL_PIXEL`).
     """
 
     def __init__(self, infer: Callable[[list[np.ndarray], Size], list[np.ndarray]], *, window_s: float,
-                 max_batch: int) -> None:
+                 max_batch: int, max_pixels: int | None = None) -> None:
         self.infer = infer
         self.window_s = window_s
         self.max_batch = max_batch
+        self.max_pixels = max_pixels
         self.groups: dict[Size, list[_Waiting]] = {}
         # one thread: the device runs one forward at a time, and engines keep per-thread state
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
@@ -138,6 +198,12 @@ class Batcher:
     def waiting(self) -> int:
         return sum(len(items) for items in self.groups.values())
 
+    def capacity(self, size: Size) -> int:
+        """The most images of model input ``size`` in one forward."""
+        if self.max_pixels is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, self.max_pixels // (size[0] * size[1])))
+
     def _take(self) -> tuple[Size, list[_Waiting]] | float:
         """The oldest group that is ready (full or past its window), or the seconds until one is."""
         now = asyncio.get_running_loop().time()
@@ -151,7 +217,7 @@ class Batcher:
                 del self.groups[size]
                 continue
             due = items[0].arrived + self.window_s - now
-            if len(items) >= self.max_batch or due <= 0:
+            if len(items) >= self.capacity(size) or due <= 0:
                 if ready is None or items[0].arrived < ready[0]:
                     ready = (items[0].arrived, size)
             else:
@@ -160,7 +226,8 @@ class Batcher:
             return wait
         size = ready[1]
         items = self.groups[size]
-        taken, rest = items[: self.max_batch], items[self.max_batch :]
+        full = self.capacity(size)
+        taken, rest = items[:full], items[full:]
         if rest:
             self.groups[size] = rest
         else:

@@ -27,22 +27,25 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from modnet_npu.matting.matter import Matter
 from modnet_npu.service.admission import Inferred, Slot
-from modnet_npu.service.codec import decode_image, parse_multipart, render_bytes
+from modnet_npu.service.codec import check_output, decode_image, parse_multipart, probe_image, render_bytes
+from modnet_npu.service.connections import ConnectionGuard, quiet_accept_errors
 from modnet_npu.service.core import Service
-from modnet_npu.service.limits import ApiError, ServiceSettings
+from modnet_npu.service.limits import SEND_CHUNK, ApiError, ServiceSettings, clip, first_line
 from modnet_npu.service.params import FORM_FIELDS, MatteParams, parse_matte_params, parse_rembg_params
 
 __all__ = ["ApiError", "ServiceSettings", "create_app"]
@@ -57,9 +60,8 @@ class RequestInput:
     """What a request sent: its text fields, and the image and background bytes if uploaded."""
 
     fields: dict[str, str]
-    image: bytes | None = None
-    background: bytes | None = None
-
+    image: bytes | bytearray | None = None
+    background: bytes | bytearray | None = None
 
 
 # --------------------------------------------------------------------------
@@ -67,24 +69,27 @@ class RequestInput:
 # --------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) a declared or actual length over ``limit`` without keeping more."""
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The body, refusing (413) a declared or actual length over ``limit`` without keeping more.
+
+    One growing buffer, not a list of chunks joined at the end: a body costs
+    its own size once, not twice.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body of {int(declared)} bytes is over the limit of {limit} bytes")
-    chunks, total = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
+        if len(body) + len(chunk) > limit:
             raise ApiError(413, f"body over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
 async def read_input(request: Request, service: Service) -> RequestInput:
     """Query parameters, then the body: multipart (``file``, ``background``, fields), a form, or the raw image."""
     fields = dict(request.query_params)
-    body = await read_body(request, service.settings.max_bytes) if request.method == "POST" else b""
+    body = await read_body(request, service.settings.max_bytes) if request.method == "POST" else bytearray()
     ctype = request.headers.get("content-type", "")
     kind = ctype.split(";", 1)[0].strip().lower()
     if kind == "multipart/form-data":
@@ -98,47 +103,99 @@ async def read_input(request: Request, service: Service) -> RequestInput:
     return RequestInput(fields, body or None)
 
 
-def _as_form(body: bytes) -> dict[str, str] | None:
+def _as_form(body: bytes | bytearray) -> dict[str, str] | None:
     """The fields of a urlencoded body, or None when it is an image sent with that type.
 
     ``curl --data-binary @photo.jpg`` labels the photo as a form: a body counts
-    as a form only when it is ASCII and names known parameters only.
+    as a form only when it is ASCII and names known parameters only (and at
+    most as many as there are).
     """
     if not body.isascii():
         return None
-    form = dict(urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True))
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True, max_num_fields=len(FORM_FIELDS))
+    except ValueError:  # more fields than any form of ours has
+        return None
+    form = dict(pairs)
     return form if form and set(form) <= FORM_FIELDS else None
+
+
+async def _receive(request: Request, service: Service) -> RequestInput:
+    """The request's input, read within --body-timeout (408), before it is admitted: a client that
+    sends headers and no body holds its connection only, never a place in the queue."""
+    timeout = service.settings.body_timeout_s
+    try:
+        return await asyncio.wait_for(read_input(request, service), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise ApiError(499, "client closed the connection while sending its body") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body has been read: nothing else arrives before that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_goes(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result, or 499 as soon as the client disconnects (``work`` is cancelled: its
+    URL fetch closes, its image leaves the batch queue)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):  # its own failure means nothing to a client that left
+                await task
+    if task.cancelled():
+        raise ApiError(499, "client closed the connection before its answer was ready")
+    return task.result()
+
+
+class _Answer(Response):
+    """A result whose slot is freed once the client has taken it (or has gone).
+
+    Sent in pieces of :data:`limits.SEND_CHUNK`: the server waits for each to
+    drain before writing the next, so a client that reads slowly holds its
+    result here, counted against the queue, rather than in an unbounded
+    socket buffer; one that stops reading is cut off by the connection's
+    response deadline (``connections``).
+    """
+
+    def __init__(self, content: bytes, slot: Slot, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            body = memoryview(self.body)
+            for start in range(0, max(len(body), 1), SEND_CHUNK):
+                last = start + SEND_CHUNK >= len(body)
+                await send({"type": "http.response.body", "body": bytes(body[start:start + SEND_CHUNK]),
+                            "more_body": not last})
+        finally:
+            self.slot.release()
+
+
+# a path to a source file (e.g. ONNX Runtime's "/onnxruntime_src/.../bfc_arena.cc:376"): kept from clients
+_SOURCE_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+){2,}(?::\d+)?")
+
+
+def _public_reason(exc: BaseException) -> str:
+    """An unexpected failure as a client may see it: its first line, cut short, without file paths."""
+    return _SOURCE_PATH.sub("…", clip(first_line(exc), 160))
 
 
 async def _matte(request: Request, parse: Callable[[dict[str, str]], MatteParams]) -> Response:
     service: Service = request.app.state.service
     matter = service.require_ready()
-    slot = service.admission.enter()
     started = time.perf_counter()
-    try:
-        payload, ctype, result = await _produce(request, service, matter, slot, parse)
-    except ApiError:
-        raise
-    except Exception as exc:  # the engine or a library failed: one line in the log, no traceback to anyone
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise ApiError(500, f"internal error: {type(exc).__name__}: {reason}") from None
-    finally:
-        slot.release()
-    service.requests_served += 1
-    headers = {"X-Inference-Ms": f"{result.inference_ms:.1f}", "X-Model-Size": "{}x{}".format(*result.model_size),
-               "X-Batch-Size": str(result.batch_size),
-               "X-Request-Ms": f"{(time.perf_counter() - started) * 1000.0:.1f}"}
-    return Response(payload, media_type=ctype, headers=headers)
-
-
-async def _produce(request: Request, service: Service, matter: Matter, slot: Slot,
-                   parse: Callable[[dict[str, str]], MatteParams]) -> tuple[bytes, str, Inferred]:
-    """Read, check, decode, infer (batched), render and encode one request."""
-    settings = service.settings
-    try:
-        inp = await asyncio.wait_for(read_input(request, service), settings.timeout_s)
-    except asyncio.TimeoutError:  # a client trickling its body must not hold a slot for ever
-        raise ApiError(408, f"request body not received within {settings.timeout_s:g} s") from None
+    inp = await _receive(request, service)
     url = inp.fields.pop("url", "").strip()
     try:
         params = parse(inp.fields)
@@ -146,14 +203,52 @@ async def _produce(request: Request, service: Service, matter: Matter, slot: Slo
         raise ApiError(422, str(exc)) from None
     if url and inp.image is not None:
         raise ApiError(422, "send the image or a url, not both")
-    data = inp.image if inp.image is not None else await service.fetch(url) if url else None
-    if data is None:
+    if not url and inp.image is None:
         raise ApiError(422, "no image: send it as multipart field 'file', as the request body, or as 'url'")
+    slot = service.admission.enter()
+    try:
+        payload, ctype, result = await _unless_client_goes(request, _produce(service, matter, inp, url, params,
+                                                                              slot))
+    except BaseException as exc:
+        slot.release()
+        if isinstance(exc, (ApiError, asyncio.CancelledError)) or not isinstance(exc, Exception):
+            raise
+        # the engine or a library failed: the cause on one line in the log, no traceback or path to anyone
+        raise ApiError(500, f"internal error: {_public_reason(exc)}", detail=first_line(exc)) from None
+    service.requests_served += 1
+    headers = {"X-Inference-Ms": f"{result.inference_ms:.1f}", "X-Model-Size": "{}x{}".format(*result.model_size),
+               "X-Batch-Size": str(result.batch_size),
+               "X-Request-Ms": f"{(time.perf_counter() - started) * 1000.0:.1f}"}
+    return _Answer(payload, slot, media_type=ctype, headers=headers)
+
+
+async def _produce(service: Service, matter: Matter, inp: RequestInput, url: str, params: MatteParams,
+                   slot: Slot) -> tuple[bytes, str, Inferred]:
+    """Fetch (if a url), check, decode, infer (batched), render and encode one admitted request.
+
+    Everything that can be refused from a header (pixels, the output format's
+    limits, the model input size) is, before the image is decoded; then its
+    pixels wait their turn in the budget (:meth:`Admission.reserve`).
+    """
+    settings = service.settings
+    data = inp.image if inp.image is not None else await service.fetch(url)
+    inp.image = None  # the request's buffer goes once decoded: only ``data`` holds it now
+    width, height = await service.on_io(probe_image, data, settings.max_pixels, "image")
+    check_output(params.format, width, height)
+    service.model_size(matter, params.size, height, width)  # the same for a rotated image: checked before decoding
+    background_data = inp.background if params.mode == "composite" else None
+    pixels = width * height
+    if background_data is not None:
+        bw, bh = await service.on_io(probe_image, background_data, settings.max_pixels, "background")
+        pixels += bw * bh
+    await service.admission.reserve(slot, pixels, settings.timeout_s)
     rgb = await service.on_io(decode_image, data, settings.max_pixels, "image")
+    del data
     background = None
-    if inp.background is not None and params.mode == "composite":
-        background = await service.on_io(decode_image, inp.background, settings.max_pixels, "background")
-    result = await service.infer(matter, rgb, params.size, slot)
+    if background_data is not None:
+        background = await service.on_io(decode_image, background_data, settings.max_pixels, "background")
+    size = service.model_size(matter, params.size, *rgb.shape[:2])
+    result = await service.infer(matter, rgb, size, slot)
     payload, ctype = await service.on_io(render_bytes, params, rgb, result.alpha, background)
     return payload, ctype, result
 
@@ -163,16 +258,47 @@ async def _produce(request: Request, service: Service, matter: Matter, slot: Slo
 # --------------------------------------------------------------------------
 
 
-def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None, *,
+           detail: str | None = None) -> JSONResponse:
     client = request.client.host if request.client else "-"
-    log.warning("%d %s %s from %s: %s", status, request.method, request.url.path, client, message)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    log.warning("%d %s %s from %s: %s", status, request.method, clip(request.url.path, 100), client,
+                clip(detail or message))
+    return JSONResponse({"error": clip(message)}, status_code=status, headers=headers)
+
+
+class _OneLineErrors:
+    """Anything a route did not expect: one line in the log, a JSON 500 to the client, and nothing
+    more (Starlette's own error middleware would hand it to uvicorn, which logs a traceback)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            client = (scope.get("client") or ("-",))[0]
+            log.error("500 %s %s from %s: %s", scope.get("method"), clip(scope.get("path", ""), 100), client,
+                      clip(first_line(exc)))
+            if not started:
+                body = {"error": "internal error (the server's log has the cause)"}
+                await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(request, exc.status, exc.message, exc.headers)
+        return _error(request, exc.status, exc.message, exc.headers, detail=exc.detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -184,21 +310,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error(request, 422, f"{where}: {first.get('msg', 'invalid request')}")
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # the cause on one line in the log, never a stack trace to the client
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        client = request.client.host if request.client else "-"
-        log.error("500 %s %s from %s: %s: %s", request.method, request.url.path, client, type(exc).__name__, reason)
-        return JSONResponse({"error": "internal error (the server's log has the cause)"}, status_code=500)
+    app.add_middleware(_OneLineErrors)
 
 
 def _add_routes(app: FastAPI) -> None:
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(request: Request) -> JSONResponse:
         service: Service = request.app.state.service
         if service.matter is None:
@@ -208,7 +328,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/api/info")
     async def info(request: Request) -> JSONResponse:
-        return JSONResponse(request.app.state.service.info())
+        out = request.app.state.service.info()
+        out["connections"] = request.app.state.connections.stats()
+        return JSONResponse(out)
 
     @app.api_route("/api/matte", methods=["GET", "POST"])
     async def matte(request: Request) -> Response:
@@ -221,11 +343,17 @@ def _add_routes(app: FastAPI) -> None:
 
 def create_app(settings: ServiceSettings, open_matter: Callable[[], Matter], *,
                on_fatal: Callable[[str], None] = lambda message: None) -> FastAPI:
-    """The app; ``open_matter`` runs once on a thread at start-up, ``on_fatal`` is called if it fails."""
+    """The app; ``open_matter`` runs once on a thread at start-up, ``on_fatal`` is called if it fails.
+
+    ``app.state.connections`` is the :class:`ConnectionGuard` that
+    ``connections.guarded_protocol`` turns into uvicorn's protocol (``serve.py``
+    does); under another server it only counts nothing.
+    """
     service = Service(settings, open_matter, on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop())
         service.start()
         try:
             yield
@@ -235,6 +363,7 @@ def create_app(settings: ServiceSettings, open_matter: Callable[[], Matter], *,
     # no /docs or /redoc: their pages load scripts from a CDN, which many data centres cannot reach
     app = FastAPI(title="MODNet matting", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
+    app.state.connections = ConnectionGuard(settings)
     _add_error_handlers(app)
     _add_routes(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

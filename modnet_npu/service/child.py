@@ -26,25 +26,32 @@ class ServerProcess:
     """``serve.py ARGS`` in a child process on a free loopback port, ready (``/healthz`` 200) on enter.
 
     Always stopped on exit (SIGTERM, then SIGKILL after ``stop_timeout``), also
-    when start-up fails; its output goes to ``log_path``.
+    when start-up fails; its output goes to ``log_path``. ``rlimits`` are set in
+    the child before it starts (``{resource.RLIMIT_AS: (soft, hard)}``: a memory
+    cap; ``RLIMIT_NOFILE``: a file-descriptor cap), ``env`` is added to its
+    environment.
     """
 
     def __init__(self, args: Sequence[str], *, log_path: str, start_timeout: float = 180.0,
-                 stop_timeout: float = 20.0) -> None:
+                 stop_timeout: float = 20.0, rlimits: dict[int, tuple[int, int]] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.args = list(args)
         self.log_path = log_path
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.rlimits = dict(rlimits or {})
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.health: list[int] = []  # the /healthz statuses seen while waiting
 
     def __enter__(self) -> "ServerProcess":
         script = os.path.join(ROOT, "serve.py")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, script, "--host", "127.0.0.1", "--port", "0", *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                         preexec_fn=self._limit if self.rlimits else None)
         try:
             self._wait_ready(time.monotonic() + self.start_timeout)
         except BaseException:
@@ -54,6 +61,13 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _limit(self) -> None:
+        """In the child, before ``exec``: the resource limits asked for."""
+        import resource
+
+        for kind, limits in self.rlimits.items():
+            resource.setrlimit(kind, limits)
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:

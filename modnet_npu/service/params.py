@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from modnet_npu.matting.imaging import SizeSpec, parse_color, parse_size_spec
 from modnet_npu.matting.matter import MODES
+from modnet_npu.service.limits import MAX_VALUE_CHARS, shown
 
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
 MATTE_FIELDS = ("mode", "background", "size", "format", "url")
@@ -19,6 +20,7 @@ REMBG_HONOURED = {"om": "true: the matte only (mode=matte)",
                   "bgc": "r,g,b[,a]: the cutout over this colour (alpha 255: opaque, as mode=composite)"}
 FORM_FIELDS = {*MATTE_FIELDS, *REMBG_IGNORED, "om", "bgc"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+MAX_SPEC_CHARS = 256  # any parameter but url (and rembg's ignored extras): a mode, a colour, a size is a few characters
 
 
 @dataclass(frozen=True)
@@ -29,18 +31,27 @@ class MatteParams:
     format: str = "png"
 
 
+def check_lengths(fields: dict[str, str]) -> None:
+    """ValueError for a value no parameter could need: refused before it is parsed or quoted."""
+    for name, value in fields.items():
+        limit = MAX_VALUE_CHARS if name in ("url", "extras") else MAX_SPEC_CHARS
+        if len(value) > limit:
+            raise ValueError(f"{shown(name)}: a value of {len(value)} characters is over the limit of {limit}")
+
+
 def parse_matte_params(fields: dict[str, str]) -> MatteParams:
     """``/api/matte``'s parameters; ValueError (422) naming the bad one."""
     unknown = sorted(set(fields) - set(MATTE_FIELDS))
     if unknown:
-        raise ValueError(f"unknown parameter {unknown[0]!r}; known: {', '.join(MATTE_FIELDS)}")
+        raise ValueError(f"unknown parameter {shown(unknown[0])}; known: {', '.join(MATTE_FIELDS)}")
+    check_lengths(fields)
     mode = fields.get("mode", "cutout").strip().lower() or "cutout"
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        raise ValueError(f"mode {shown(mode)} is not one of {', '.join(MODES)}")
     fmt = fields.get("format", "png").strip().lower() or "png"
     fmt = "jpg" if fmt == "jpeg" else fmt
     if fmt not in CONTENT_TYPES:
-        raise ValueError(f"format {fmt!r} is not one of {', '.join(CONTENT_TYPES)}")
+        raise ValueError(f"format {shown(fmt)} is not one of {', '.join(CONTENT_TYPES)}")
     background: str | tuple[int, ...] = fields.get("background", "white").strip() or "white"
     if background.lower() == "blur":
         background = "blur"
@@ -57,11 +68,12 @@ def _flag(name: str, text: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={text!r} is not true or false")
+    raise ValueError(f"{name}={shown(text)} is not true or false")
 
 
 def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
     """rembg's parameters: ``om`` (matte only), ``bgc`` (r,g,b[,a]); its model-specific ones ignored."""
+    check_lengths(fields)
     if _flag("om", fields.get("om", "false")):
         return MatteParams(mode="matte")
     bgc = fields.get("bgc", "").strip()
@@ -72,6 +84,6 @@ def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
     except ValueError:
         rgba = ()
     if len(rgba) not in (3, 4) or not all(0 <= v <= 255 for v in rgba):
-        raise ValueError(f"bgc={bgc!r} is not r,g,b or r,g,b,a with values 0..255")
+        raise ValueError(f"bgc={shown(bgc)} is not r,g,b or r,g,b,a with values 0..255")
     return MatteParams(mode="composite", background=rgba if len(rgba) == 4 else (*rgba, 255))
 
