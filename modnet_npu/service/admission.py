@@ -33,7 +33,7 @@ class Admission:
     turn (first come, first served) until its pixels fit, for at most its
     time-out. Together with the per-pixel costs in :mod:`limits` they bound
     memory, whatever the mix of image sizes. A request is admitted only once
-    its body is in (``app.read_input``): a client that sends headers and no body
+    its body is in (or its url= image fetched): a client that sends headers and no body
     holds a connection, never a place here.
     """
 

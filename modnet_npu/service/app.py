@@ -43,7 +43,7 @@ from starlette.requests import ClientDisconnect
 from modnet_npu.matting.matter import Matter
 from modnet_npu.service.admission import Inferred, Slot
 from modnet_npu.service.codec import check_output, decode_image, parse_multipart, probe_image, render_bytes
-from modnet_npu.service.connections import ConnectionGuard, quiet_accept_errors
+from modnet_npu.service.connections import ConnectionGuard, clip_access_log, quiet_accept_errors
 from modnet_npu.service.core import Service
 from modnet_npu.service.limits import SEND_CHUNK, ApiError, ServiceSettings, clip, first_line
 from modnet_npu.service.params import FORM_FIELDS, MatteParams, parse_matte_params, parse_rembg_params
@@ -188,7 +188,7 @@ _SOURCE_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+){2,}(?::\d+)?")
 
 def _public_reason(exc: BaseException) -> str:
     """An unexpected failure as a client may see it: its first line, cut short, without file paths."""
-    return _SOURCE_PATH.sub("…", clip(first_line(exc), 160))
+    return _SOURCE_PATH.sub("…", first_line(exc))  # then cut to a line's length, as every message
 
 
 async def _matte(request: Request, parse: Callable[[dict[str, str]], MatteParams]) -> Response:
@@ -205,10 +205,11 @@ async def _matte(request: Request, parse: Callable[[dict[str, str]], MatteParams
         raise ApiError(422, "send the image or a url, not both")
     if not url and inp.image is None:
         raise ApiError(422, "no image: send it as multipart field 'file', as the request body, or as 'url'")
+    if url:  # the fetched image is this request's body: fetched before admission, as a body is read
+        inp.image = await _unless_client_goes(request, service.fetch(url))
     slot = service.admission.enter()
     try:
-        payload, ctype, result = await _unless_client_goes(request, _produce(service, matter, inp, url, params,
-                                                                              slot))
+        payload, ctype, result = await _unless_client_goes(request, _produce(service, matter, inp, params, slot))
     except BaseException as exc:
         slot.release()
         if isinstance(exc, (ApiError, asyncio.CancelledError)) or not isinstance(exc, Exception):
@@ -222,17 +223,17 @@ async def _matte(request: Request, parse: Callable[[dict[str, str]], MatteParams
     return _Answer(payload, slot, media_type=ctype, headers=headers)
 
 
-async def _produce(service: Service, matter: Matter, inp: RequestInput, url: str, params: MatteParams,
+async def _produce(service: Service, matter: Matter, inp: RequestInput, params: MatteParams,
                    slot: Slot) -> tuple[bytes, str, Inferred]:
-    """Fetch (if a url), check, decode, infer (batched), render and encode one admitted request.
+    """Check, decode, infer (batched), render and encode one admitted request.
 
     Everything that can be refused from a header (pixels, the output format's
     limits, the model input size) is, before the image is decoded; then its
     pixels wait their turn in the budget (:meth:`Admission.reserve`).
     """
     settings = service.settings
-    data = inp.image if inp.image is not None else await service.fetch(url)
-    inp.image = None  # the request's buffer goes once decoded: only ``data`` holds it now
+    data, inp.image = inp.image, None  # the request's buffer goes once decoded: only ``data`` holds it now
+    assert data is not None
     width, height = await service.on_io(probe_image, data, settings.max_pixels, "image")
     check_output(params.format, width, height)
     service.model_size(matter, params.size, height, width)  # the same for a rotated image: checked before decoding
@@ -354,6 +355,7 @@ def create_app(settings: ServiceSettings, open_matter: Callable[[], Matter], *,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         quiet_accept_errors(asyncio.get_running_loop())
+        clip_access_log()
         service.start()
         try:
             yield
@@ -364,6 +366,7 @@ def create_app(settings: ServiceSettings, open_matter: Callable[[], Matter], *,
     app = FastAPI(title="MODNet matting", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.connections = ConnectionGuard(settings)
+    app.state.connections.on_shutdown.append(service.fetches.abort_all)  # never wait on a remote server
     _add_error_handlers(app)
     _add_routes(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -42,12 +42,12 @@ import logging
 import resource
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from modnet_npu.service.limits import ServiceSettings
+from modnet_npu.service.limits import ServiceSettings, clip
 
 log = logging.getLogger("modnet.serve")
 
@@ -97,6 +97,15 @@ class ConnectionGuard:
         self.refused = 0
         self.closed: Counter[str] = Counter()  # why: idle, headers, body, response
         self.logs = Throttled()
+        # called once when the server starts shutting down, before it waits for requests in flight
+        self.on_shutdown: list[Callable[[], None]] = []
+        self._shut = False
+
+    def shutting_down(self) -> None:
+        if not self._shut:
+            self._shut = True
+            for callback in self.on_shutdown:
+                callback()
 
     def admit(self, client: str) -> str:
         """``"ok"``, ``"probation"`` (only /healthz) or ``"refuse"`` for a new connection from ``client``."""
@@ -260,6 +269,7 @@ class GuardedH11Protocol(H11Protocol):
                 self._disarm()
 
     def shutdown(self) -> None:
+        self.guard.shutting_down()  # uvicorn calls this on every connection, first thing when it stops
         if self._phase in ("idle", "headers", "body"):  # nothing admitted yet: nothing to finish
             self._disarm()
             self.transport.close()
@@ -299,6 +309,23 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.abort()  # close() would wait for the client to read what is buffered
         else:
             self.transport.close()
+
+
+class _ClippedAccessLog(logging.Filter):
+    """uvicorn's access line with the request target cut short (it may be up to 16 KB of query string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and len(args[2]) > 200:
+            record.args = (*args[:2], clip(args[2], 200), *args[3:])
+        return True
+
+
+def clip_access_log() -> None:
+    """Bound uvicorn's access lines (once; called at start-up, after uvicorn has set its logging up)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _ClippedAccessLog) for f in access.filters):
+        access.addFilter(_ClippedAccessLog())
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

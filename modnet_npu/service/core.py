@@ -44,15 +44,23 @@ class FetchThreads:
 
     def __init__(self, count: int) -> None:
         self.free = count
+        self.stopping = False
         self.controls: set[url_fetch.FetchControl] = set()
         self._waiters: deque[asyncio.Future] = deque()
 
     async def run(self, fn: Callable[[url_fetch.FetchControl], Any], timeout: float) -> Any:
         loop = asyncio.get_running_loop()
         control = url_fetch.FetchControl()
+        if self.stopping:
+            raise url_fetch.UrlFetchError("url: not fetched: the server is shutting down", 503)
         try:
             await asyncio.wait_for(self._take(), timeout)
+            if self.stopping:  # shut down while it waited for a thread
+                self._finish(loop.create_future(), (None, None))
+                raise url_fetch.UrlFetchError("url: not fetched: the server is shutting down", 503)
             done: asyncio.Future = loop.create_future()
+            # its outcome may come after the request gave up: taken here, so asyncio does not log it as lost
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.controls.add(control)
             try:
                 threading.Thread(target=self._work, args=(loop, fn, control, done), name="fetch",
@@ -98,8 +106,10 @@ class FetchThreads:
             done.set_result(outcome[0])
 
     def abort_all(self) -> None:
+        """Stop every fetch now, and refuse new ones (the server is stopping)."""
+        self.stopping = True
         for control in list(self.controls):
-            control.abort()
+            control.abort("shutdown")
 
 
 def _rss_bytes() -> int:

@@ -156,7 +156,7 @@ class FetchControl:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
-        self.reason: str | None = None  # "time-out" or "cancelled" once aborted
+        self.reason: str | None = None  # "time-out", "shutdown" or "cancelled" once aborted
 
     def attach(self, sock: socket.socket) -> None:
         with self._lock:
@@ -174,9 +174,11 @@ class FetchControl:
             _shut(sock)
 
     def check(self, timeout: float, host: str) -> None:
-        """UrlFetchError when aborted: 504 at the deadline, 499 when the asker gave up."""
+        """UrlFetchError when aborted: 504 at the deadline, 503 at shutdown, 499 when the asker gave up."""
         if self.reason == "time-out":
             raise UrlFetchError(f"url: time-out after {timeout:g} s fetching {host}", 504)
+        if self.reason == "shutdown":
+            raise UrlFetchError("url: fetch stopped: the server is shutting down", 503)
         if self.reason is not None:
             raise UrlFetchError("url: fetch cancelled (the request was given up)", 499)
 
