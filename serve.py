@@ -167,13 +167,14 @@ def _uvicorn_config(app, settings, log_level: str):
     """uvicorn's settings: its h11 protocol with the service's connection guard (connections.py says why)."""
     import uvicorn
 
-    from modnet_npu.service.connections import guarded_protocol
+    from modnet_npu.service.connections import ACCEPT_BATCH, guarded_protocol
 
     return uvicorn.Config(
         app, log_level=log_level, lifespan="on",
         http=guarded_protocol(app.state.connections),  # deadlines and caps before a request is read
         timeout_keep_alive=settings.keep_alive_s,  # the guard applies it to new connections too
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers: h11's default, stated
+        backlog=ACCEPT_BATCH,  # accepted in one go: must fit the descriptor budget (connections.py)
         limit_concurrency=None,  # the guard's caps instead: this one would answer 503 to /healthz too
         timeout_graceful_shutdown=10,  # then in-flight requests are cancelled (their URL fetches closed)
         server_header=False,

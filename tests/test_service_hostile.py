@@ -146,12 +146,31 @@ def test_a_client_over_its_own_cap_is_refused_at_once(server):
     assert _info(server)["connections"]["refused"] >= 1
 
 
-def test_a_full_server_still_answers_healthz_and_refuses_the_rest_quickly(server):
-    per, total = LIMITS["per_client"], LIMITS["max_connections"]
-    sources = [f"127.0.0.{10 + i}" for i in range(total // per)]
-    held = [_connect(server, source) for source in sources for _ in range(per)]
+def _sources(count: int) -> list[str]:
+    """``count`` connections' source addresses, as many per address as the per-client cap allows."""
+    return [f"127.0.0.{10 + i // LIMITS['per_client']}" for i in range(count)]
+
+
+def test_silent_connections_from_many_addresses_give_way_to_newcomers(server):
+    held = [_connect(server, source) for source in _sources(LIMITS["max_connections"] + 8)]
     try:
-        time.sleep(0.2)
+        time.sleep(0.3)
+        _normal(server)  # the server is full of idle connections: the longest-waiting ones are closed for it
+        assert _info(server)["connections"]["closed"].get("evicted", 0) >= 1
+    finally:
+        for sock in held:
+            sock.close()
+    _wait_until_quiet(server)
+
+
+def test_a_server_full_of_requests_still_answers_healthz_and_refuses_the_rest_quickly(server, slow_source):
+    held = []
+    for source in _sources(LIMITS["max_connections"]):  # each with a request in progress for the url deadline
+        sock = _connect(server, source)
+        sock.sendall(b"GET /api/matte?url=" + slow_source.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        held.append(sock)
+    try:
+        time.sleep(0.3)
         with httpx.Client(base_url=server.url, timeout=5) as c:
             assert c.get("/healthz").status_code == 200  # the /healthz reserve
         with httpx.Client(base_url=server.url, timeout=5) as c:

@@ -223,6 +223,29 @@ def test_the_guard_caps_clients_then_the_total_then_keeps_a_healthz_reserve():
     assert guard.stats()["clients"] == 2 + HEALTH_RESERVE
 
 
+class _Waiting:
+    """A connection with no request in progress, as GuardedH11Protocol registers it."""
+
+    def __init__(self, guard: ConnectionGuard, client: str) -> None:
+        self.guard, self.client, self.evicted = guard, client, False
+        guard.opened(client)
+        guard.waiting[self] = None
+
+    def evict(self) -> None:
+        self.evicted = True
+        del self.guard.waiting[self]
+        self.guard.gone(self.client)
+
+
+def test_at_the_cap_the_longest_waiting_connection_makes_room():
+    guard = ConnectionGuard(ServiceSettings(max_connections=3, max_connections_per_client=3))
+    first, second, third = (_Waiting(guard, f"10.0.0.{i}") for i in range(3))
+    assert guard.admit("10.0.0.9") == "ok" and first.evicted and not second.evicted
+    guard.opened("10.0.0.9")  # it has a request in progress: not in waiting
+    del guard.waiting[second], guard.waiting[third]  # and so have these now
+    assert guard.admit("10.0.0.8") == "probation"  # nothing to evict: the /healthz reserve
+
+
 def test_connections_are_fitted_to_the_descriptor_limit():
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     fitted, why = fit_to_descriptors(ServiceSettings(max_connections=10_000_000))

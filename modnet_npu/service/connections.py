@@ -21,11 +21,14 @@ passed to it as ``Config(http=...)``:
   closes the connection, so the rest of that body is never waited for;
 * **caps**: at most ``max_connections`` open connections and
   ``max_connections_per_client`` from one address. A client over its own cap
-  is refused at once (503, closed). Past the total, a small reserve of
-  connections (:data:`HEALTH_RESERVE`) is accepted with a short header
-  deadline and answered only for ``/healthz`` (503 to anything else), so
-  that a load balancer still sees the server while it is full; beyond that,
-  503 and close at accept;
+  is refused at once (503, closed). At the total, the connection that has
+  waited longest without a request in progress (idle, or still sending its
+  headers) is closed to make room, so held connections cannot lock newcomers
+  out however many addresses they come from. When every connection has a
+  request in progress, a small reserve (:data:`HEALTH_RESERVE`) is accepted
+  with a short header deadline and answered only for ``/healthz`` (503 to
+  anything else), so that a load balancer still sees the server while it is
+  full; beyond that, 503 and close at accept;
 * **quiet logs**: closings are counted and logged at most once per
   :data:`LOG_EVERY_S` per kind, and the event loop's ``accept() out of system
   resource`` (too many open files) is one line, not a traceback per attempt.
@@ -56,6 +59,10 @@ PROBATION_HEADER_TIMEOUT_S = 2.0  # for those
 BODY_GRACE_S = 5.0  # the protocol's backstop after the app's own body deadline
 LOG_EVERY_S = 10.0
 FD_RESERVE = 64  # descriptors the process needs besides client sockets (model, logs, pools, fetches)
+# The listen backlog, which is also how many connections asyncio accepts in one go before any of
+# them can be refused and closed: the descriptor budget must hold that many more (uvicorn's 2048
+# would exhaust a 1024-file limit in one burst, and each EMFILE stalls accepting for a second).
+ACCEPT_BATCH = 128
 _HEALTH_PATHS = ("/healthz",)
 _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s")
@@ -95,7 +102,9 @@ class ConnectionGuard:
         self.open = 0
         self.by_client: Counter[str] = Counter()
         self.refused = 0
-        self.closed: Counter[str] = Counter()  # why: idle, headers, body, response
+        self.closed: Counter[str] = Counter()  # why: idle, headers, body, response, evicted
+        # connections without a request in progress, longest-waiting first (GuardedH11Protocol keeps it)
+        self.waiting: dict[Any, None] = {}
         self.logs = Throttled()
         # called once when the server starts shutting down, before it waits for requests in flight
         self.on_shutdown: list[Callable[[], None]] = []
@@ -108,9 +117,19 @@ class ConnectionGuard:
                 callback()
 
     def admit(self, client: str) -> str:
-        """``"ok"``, ``"probation"`` (only /healthz) or ``"refuse"`` for a new connection from ``client``."""
+        """``"ok"``, ``"probation"`` (only /healthz) or ``"refuse"`` for a new connection from ``client``.
+
+        At the total cap, the connection that has waited longest without a
+        request in progress (idle, or still sending its headers) is closed to
+        make room: held connections cannot lock newcomers out, from however
+        many addresses they come. Only when every connection has a request in
+        progress does a newcomer land in the /healthz reserve.
+        """
         if self.by_client[client] >= self.per_client:
             return "refuse"
+        if self.open >= self.max_connections and self.waiting:
+            oldest = next(iter(self.waiting))
+            oldest.evict()
         if self.open >= self.max_connections + HEALTH_RESERVE:
             return "refuse"
         return "probation" if self.open >= self.max_connections else "ok"
@@ -134,8 +153,9 @@ def fit_to_descriptors(settings: ServiceSettings) -> tuple[ServiceSettings, str 
     """``settings`` with ``max_connections`` lowered to what the file-descriptor limit allows, and why.
 
     The soft limit is raised to the hard one first, as servers do; what
-    remains after :data:`FD_RESERVE` and the /healthz reserve is the most
-    connections that can be open without ``accept`` failing.
+    remains after :data:`FD_RESERVE`, the /healthz reserve and one burst of
+    accepts (:data:`ACCEPT_BATCH`) is the most connections that can be open
+    without ``accept`` failing.
     """
     from dataclasses import replace
 
@@ -150,7 +170,7 @@ def fit_to_descriptors(settings: ServiceSettings) -> tuple[ServiceSettings, str 
         return settings, None
     if soft == resource.RLIM_INFINITY:
         return settings, None
-    room = soft - FD_RESERVE - HEALTH_RESERVE
+    room = soft - FD_RESERVE - HEALTH_RESERVE - ACCEPT_BATCH
     if settings.max_connections <= room:
         return settings, None
     fitted = max(1, room)
@@ -282,16 +302,31 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         self._phase = phase
         self._deadline = self.loop.call_later(seconds, self._expired, phase, seconds)
+        if phase in ("idle", "headers") and self._counted and not self._probation:
+            self.guard.waiting[self] = None  # may be evicted for a newcomer (ConnectionGuard.admit)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         self._deadline = None
         self._phase = ""
+        self.guard.waiting.pop(self, None)
+
+    def evict(self) -> None:
+        """Closed now to make room for a new connection (it had no request in progress)."""
+        self._disarm()
+        self.guard.closed["evicted"] += 1
+        self.guard.logs.warning("evicted", f"closed a waiting connection from {self._address} to make room "
+                                           f"(--max-connections {self.guard.max_connections} reached)")
+        if self._counted:  # counted out now: its connection_lost comes later
+            self._counted = False
+            self.guard.gone(self._address)
+        self.transport.abort()
 
     def _expired(self, phase: str, seconds: float) -> None:
         self._deadline = None
         self._phase = ""
+        self.guard.waiting.pop(self, None)
         if self.transport.is_closing():
             return
         self.guard.closed[phase] += 1
