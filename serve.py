@@ -3,7 +3,7 @@
 A web page at ``/``, the API under ``/api`` (``/api/matte``, rembg's
 ``/api/remove``, ``/api/info``), ``/healthz`` for load balancers; concurrent
 requests whose images share a model input size are inferred as one batch. The
-app itself is ``service.py``; this file is its command line: options, process
+app itself is ``modnet_npu/service/``; this file is its command line: options, process
 set-up, the listening socket and uvicorn.
 """
 from __future__ import annotations
@@ -16,14 +16,8 @@ if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinnin
 import argparse
 import logging
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import replace
 from typing import Sequence
 
@@ -68,12 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body or fetched URL, in MB (decimal)")
     s.add_argument("--max-pixels", type=_number(float, 0, above=True), default=40.0, metavar="MP",
                    help="largest image, in megapixels (larger: 413, before decoding)")
+    s.add_argument("--max-model-pixels", type=_number(float, 0, above=True), default=2.1, metavar="MP",
+                   help="largest model input of a request, in megapixels (larger size=: 422); also the most "
+                        "model input pixels in one batch, which bounds a forward pass's memory")
     s.add_argument("--max-queue", type=_number(int, 1), default=64, help="requests in the service at once; more get 503")
+    s.add_argument("--max-queue-pixels", type=_number(float, 0), default=0.0, metavar="MP",
+                   help="image megapixels the requests in the service may hold at once; others wait their turn "
+                        "(0: twice --max-pixels)")
     s.add_argument("--timeout", type=_number(float, 0, above=True), default=60.0, help="seconds a request may wait for its matte (504)")
-    s.add_argument("--url-timeout", type=_number(float, 0, above=True), default=10.0, help="seconds to fetch a url= image")
+    s.add_argument("--url-timeout", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds to fetch a url= image, all of it: connecting, status line, headers, body")
     s.add_argument("--allow-private-urls", action="store_true",
                    help="let url= reach loopback, private, link-local and reserved addresses")
     s.add_argument("--io-threads", type=_number(int, 1), default=4, help="threads decoding and encoding images")
+    c = p.add_argument_group("connections (what a client may hold before its request is read)")
+    c.add_argument("--max-connections", type=_number(int, 1), default=64,
+                   help="open connections in all; a few more may still ask /healthz, the rest get 503 at once "
+                        "(lowered to fit ulimit -n)")
+    c.add_argument("--max-connections-per-client", type=_number(int, 1), default=16, metavar="N",
+                   help="open connections from one address (behind a proxy every client is the proxy: raise it)")
+    c.add_argument("--header-timeout", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds from a request's first byte to the end of its headers (else 408, closed)")
+    c.add_argument("--body-timeout", type=_number(float, 0, above=True), default=60.0,
+                   help="seconds to receive a request's body after its headers (408), and for a client to "
+                        "take its response")
+    c.add_argument("--keep-alive", type=_number(float, 0, above=True), default=5.0,
+                   help="seconds an idle connection (a new one, or between requests) is kept open")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -102,9 +116,33 @@ def _settings(args: argparse.Namespace):
     from modnet_npu.service.app import ServiceSettings
 
     return ServiceSettings(batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, max_bytes=args.max_bytes,
-                           max_pixels=int(args.max_pixels * 1_000_000), max_queue=args.max_queue,
+                           max_pixels=int(args.max_pixels * 1_000_000),
+                           max_model_pixels=int(args.max_model_pixels * 1_000_000), max_queue=args.max_queue,
+                           queue_pixels=int(args.max_queue_pixels * 1_000_000),
                            timeout_s=args.timeout, fetch_timeout_s=args.url_timeout,
-                           allow_private_urls=args.allow_private_urls, io_threads=args.io_threads)
+                           allow_private_urls=args.allow_private_urls, io_threads=args.io_threads,
+                           max_connections=args.max_connections,
+                           max_connections_per_client=args.max_connections_per_client,
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                           keep_alive_s=args.keep_alive)
+
+
+def _uvicorn_config(app, settings, log_level: str):
+    """uvicorn's settings: its h11 protocol with the service's connection guard (connections.py says why)."""
+    import uvicorn
+
+    from modnet_npu.service.connections import ACCEPT_BATCH, guarded_protocol
+
+    return uvicorn.Config(
+        app, log_level=log_level, lifespan="on",
+        http=guarded_protocol(app.state.connections),  # deadlines and caps before a request is read
+        timeout_keep_alive=settings.keep_alive_s,  # the guard applies it to new connections too
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: h11's default, stated
+        backlog=ACCEPT_BATCH,  # accepted in one go: must fit the descriptor budget (connections.py)
+        limit_concurrency=None,  # the guard's caps instead: this one would answer 503 to /healthz too
+        timeout_graceful_shutdown=10,  # then in-flight requests are cancelled (their URL fetches closed)
+        server_header=False,
+    )
 
 
 def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -> int:
@@ -120,9 +158,13 @@ def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
         if server is not None:
             server.should_exit = True  # uvicorn polls it; the lifespan then closes the service
 
-    app = create_app(_settings(args), lambda: _open_matter(opts), on_fatal=fatal)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10, lifespan="on")
-    server = uvicorn.Server(config)
+    from modnet_npu.service.connections import fit_to_descriptors
+
+    settings, lowered = fit_to_descriptors(_settings(args))
+    if lowered:
+        logging.getLogger("modnet.serve").warning("WARNING: %s", lowered)
+    app = create_app(settings, lambda: _open_matter(opts), on_fatal=fatal)
+    server = uvicorn.Server(_uvicorn_config(app, settings, args.log_level))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port} (the model loads now; /healthz answers 200 once it is ready)",
@@ -163,101 +205,6 @@ def _start(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return _serve(args, replace(opts, threads=proc.threads), sock)
-
-
-# --------------------------------------------------------------------------
-# a server in a child process, for tests and benchmarks
-# --------------------------------------------------------------------------
-
-_SERVING = re.compile(r"serving on (http://\S+?) ")
-
-
-class ServerProcess:
-    """``serve.py ARGS`` in a child process on a free loopback port, ready (``/healthz`` 200) on enter.
-
-    Always stopped on exit (SIGTERM, then SIGKILL after ``stop_timeout``), also
-    when start-up fails; its output goes to ``log_path``.
-    """
-
-    def __init__(self, args: Sequence[str], *, log_path: str, start_timeout: float = 180.0,
-                 stop_timeout: float = 20.0) -> None:
-        self.args = list(args)
-        self.log_path = log_path
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.health: list[int] = []  # the /healthz statuses seen while waiting
-
-    def __enter__(self) -> "ServerProcess":
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, script, "--host", "127.0.0.1", "--port", "0", *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        try:
-            self._wait_ready(time.monotonic() + self.start_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-
-    def _wait_ready(self, deadline: float) -> None:
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited with status {self.proc.returncode}: {self.log()[-2000:]}")
-            if not self.url:
-                found = _SERVING.search(self.log())
-                self.url = found.group(1) if found else ""
-            elif self._health() == 200:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"serve.py not ready after {self.start_timeout:g} s: {self.log()[-2000:]}")
-
-    def _health(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-        except OSError:
-            status = 0  # not accepting yet
-        self.health.append(status)
-        return status
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def rss_mb(self) -> float:
-        """The server's resident memory now (Linux)."""
-        with open(f"/proc/{self.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        raise RuntimeError("no VmRSS in /proc")
-
-    def stop(self) -> int | None:
-        """Stop the server; its exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import PORTRAIT
-from serve import ServerProcess
+from modnet_npu.service.child import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -2,7 +2,7 @@
 
 Two kinds of server, both always shut down:
 
-* ``serve.py`` itself in a child process on a free port (:class:`serve.ServerProcess`):
+* ``serve.py`` itself in a child process on a free port (:class:`modnet_npu.service.child.ServerProcess`):
   every route, mode and format, the rembg routes, the limits, batching, and a
   soak whose memory is read from the child's ``/proc`` entry;
 * the app in this process, on a uvicorn thread, where a test needs to hold the
@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from conftest import PORTRAIT, loopback_http
-from serve import ServerProcess
+from modnet_npu.service.child import ServerProcess
 
 REQUEST_TIMEOUT = 120.0  # per request; generous for a busy 2-core machine, but bounded
 
@@ -111,8 +111,16 @@ def test_info_reports_engine_model_and_limits(client, flavour_files):
     assert info["model"] == {"source": "local", "file": "modnet_official.onnx", "sha256": expected_sha,
                              "method": None, "warning": None}
     assert info["warning"] is None and info["model_size"] == "short side 256"
-    assert info["limits"] == {"max_bytes": 20_000_000, "max_pixels": 40_000_000, "max_queue": 64,
-                              "timeout_s": 60.0, "url_timeout_s": 10.0, "private_urls_allowed": False}
+    assert info["limits"] == {"max_bytes": 20_000_000, "max_pixels": 40_000_000, "max_model_pixels": 2_100_000,
+                              "max_queue": 64, "queue_pixels": 80_000_000, "timeout_s": 60.0,
+                              "url_timeout_s": 10.0, "private_urls_allowed": False, "max_connections": 64,
+                              "max_connections_per_client": 16, "header_timeout_s": 10.0,
+                              "body_timeout_s": 60.0, "keep_alive_s": 5.0}
+    bound = info["memory_bound_mb"]  # the limits' worst case, term by term (limits.memory_bound)
+    assert bound["bodies"] == 64 * 20.0 and bound["images"] == 7 * 80.0 and bound["forward"] == 600 * 2.1
+    assert bound["total"] == pytest.approx(sum(v for k, v in bound.items() if k != "total"), abs=0.5)
+    assert 50 < bound["base"] < 4000  # this process after warm-up, measured
+    assert info["connections"]["open"] >= 1 and info["connections"]["refused"] == 0
     assert info["batching"]["max_batch"] == 8 and info["batching"]["window_ms"] == 5.0
     assert {"model", "a", "af", "ab", "ae", "ppm", "extras"} <= set(info["rembg"]["ignored_parameters"])
     assert set(info["rembg"]["honoured"]) == {"om", "bgc"}
@@ -129,6 +137,15 @@ def test_healthz_and_page_and_static_files(client):
     for name in ("app.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
     assert client.get("/docs").status_code == 404  # swagger's page would load a CDN
+    for path in ("/", "/healthz"):  # what monitors and load balancers send
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b""
+
+
+def test_a_result_too_wide_for_webp_is_a_422_before_any_work(client):
+    wide = _png(np.zeros((2, 16384, 3), np.uint8))
+    r = client.post("/api/matte", params={"format": "webp"}, files={"file": ("w.png", wide)})
+    _assert_json_error(r, 422, "over WebP's 16383 pixels a side")
 
 
 @pytest.mark.parametrize("mode,fmt,ctype,pil_mode", [
@@ -543,6 +560,30 @@ def test_a_failing_forward_is_a_one_line_500_and_the_worker_lives_on(synthetic_m
     assert not any(rec.exc_info for rec in caplog.records)
 
 
+class _OutOfArena(_Breakable):
+    def infer_batch(self, images, size):
+        if not self.broken:
+            return self.matter.infer_batch(images, size)
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                           "running Conv node. Status Message: /onnxruntime_src/onnxruntime/core/framework/"
+                           "bfc_arena.cc:376 void* onnxruntime::BFCArena::AllocateRawInternal Failed to allocate")
+
+
+def test_a_500_never_shows_the_client_a_library_source_path(synthetic_matter, caplog):
+    from modnet_npu.service.app import ServiceSettings, create_app
+
+    image = _variants(1, crop=(64, 64))[0]
+    model = _OutOfArena(synthetic_matter)
+    with running(create_app(ServiceSettings(batch_window_ms=0), lambda: model)) as url, \
+            httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT) as c:
+        _wait_for(lambda: c.get("/healthz").status_code == 200)
+        model.broken = True
+        message = _assert_json_error(c.post("/api/matte", files={"file": ("i.png", image)}), 500, "RuntimeError")
+    assert "onnxruntime_src" not in message and ".cc" not in message and "Failed to allocate" in message
+    logged = [rec.getMessage() for rec in caplog.records if "500 POST /api/matte" in rec.getMessage()]
+    assert len(logged) == 1 and "bfc_arena.cc:376" in logged[0]  # the operator's log keeps the cause
+
+
 def test_serve_cli_refuses_bad_options_before_starting(capsys):
     import serve
 
@@ -570,6 +611,24 @@ def test_a_model_that_cannot_load_ends_the_server(tmp_path):
             pass
     text = log.read_text()
     assert "error: model could not be loaded" in text and "Traceback" not in text
+
+
+def test_a_model_that_is_not_a_file_is_named_as_such(tmp_path):
+    from modnet_npu.source.resolve import ModelNotFoundError, resolve_model
+
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    for model, what in ((tmp_path, "is a folder"), (fifo, "is a named pipe (FIFO)"), ("/dev/zero", "is a device")):
+        with pytest.raises(ModelNotFoundError) as err:
+            resolve_model(str(model))
+        assert str(err.value) == f"{model}: {what}, not a model file"
+    log = tmp_path / "serve.log"  # and the service says so in its one line (a folder: the common mistake)
+    with pytest.raises(RuntimeError, match="exited with status 1"):
+        with ServerProcess(["--model", str(tmp_path), "--backend", "ort"], log_path=str(log), start_timeout=120):
+            pass
+    text = log.read_text()
+    assert f"error: model could not be loaded: {tmp_path}: is a folder, not a model file" in text
+    assert "Traceback" not in text
 
 
 def test_info_json_is_plain(client):

@@ -35,8 +35,21 @@ REFUSED = {
     "::ffff:127.0.0.1": "loopback",  # IPv4-mapped IPv6 is the IPv4 address
     "::ffff:10.0.0.1": "private",
     "100.64.0.1": "not a public address",  # carrier-grade NAT
+    # IPv6 addresses that carry an IPv4 one are judged by it too
+    "2002:7f00:1::1": "6to4 address of 127.0.0.1, a loopback",
+    "2002:a00:1::1": "6to4 address of 10.0.0.1, a private",
+    "2002:a9fe:a9fe::1": "6to4 address of 169.254.169.254, a link-local",
+    "64:ff9b::7f00:1": "NAT64 address of 127.0.0.1, a loopback",
+    "64:ff9b:1::a00:1": "NAT64 address of 10.0.0.1, a private",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe": "Teredo address of 127.0.0.1, a loopback",
+    "::127.0.0.1": "IPv4-compatible address of 127.0.0.1, a loopback",
+    "::ffff:0:7f00:1": "IPv4-translated address of 127.0.0.1, a loopback",
+    "::ffff:0.0.0.0": "unspecified",
+    "fec0::1": "site-local",
 }
-PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"]
+# the last three: 6to4 and NAT64 of public IPv4 addresses are how IPv6-only hosts reach IPv4 sites
+PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1",
+          "64:ff9b::808:808"]
 
 
 @pytest.mark.parametrize("address,kind", sorted(REFUSED.items()))
@@ -50,7 +63,7 @@ def test_public_addresses_pass(address):
 
 
 def test_allow_private_admits_private_ranges_but_never_multicast_or_unspecified():
-    for address in ("127.0.0.1", "10.1.2.3", "169.254.169.254", "fe80::1", "::1"):
+    for address in ("127.0.0.1", "10.1.2.3", "169.254.169.254", "fe80::1", "::1", "2002:7f00:1::1"):
         assert refusal(address, allow_private=True) is None
     assert "multicast" in refusal("224.0.0.1", allow_private=True)
     assert "unspecified" in refusal("0.0.0.0", allow_private=True)
@@ -148,6 +161,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._chunked(b"z" * 1000, 6)
         elif route == "/slow":
             self._drip()
+        elif route == "/slow-status":
+            self._drip_status()
         else:
             self._send(404, b"no", {})
 
@@ -166,6 +181,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for _ in range(count):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         self.wfile.write(b"0\r\n\r\n")
+
+    def _drip_status(self) -> None:
+        """The status line a byte every 0.1 s, then headers the same way: no body is ever reached."""
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"z" * 400:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # cut off, as it should be
 
     def _drip(self) -> None:
         """One byte every 0.2 s: each read is quick, the whole is not (a per-read time-out would never fire)."""
@@ -251,6 +276,25 @@ def test_one_deadline_for_the_whole_fetch(local_server):
         _get(f"http://127.0.0.1:{local_server}/slow", timeout=0.8)
     assert err.value.status == 504
     assert time.monotonic() - start < 3.0  # not 100 x 0.2 s
+
+
+def test_one_deadline_also_covers_the_status_line_and_headers(local_server):
+    start = time.monotonic()
+    with pytest.raises(UrlFetchError, match="time-out after 0.8 s") as err:
+        _get(f"http://127.0.0.1:{local_server}/slow-status", timeout=0.8)
+    assert err.value.status == 504
+    assert time.monotonic() - start < 3.0  # each byte came within any per-read time-out; the whole did not
+
+
+def test_a_fetch_is_cancelled_from_another_thread(local_server):
+    import threading
+
+    control = url_fetch.FetchControl()
+    threading.Timer(0.3, control.abort).start()
+    start = time.monotonic()
+    with pytest.raises(UrlFetchError, match="cancelled") as err:
+        _get(f"http://127.0.0.1:{local_server}/slow", timeout=20, control=control)
+    assert err.value.status == 499 and time.monotonic() - start < 2.0
 
 
 def test_upstream_errors_are_502(local_server):

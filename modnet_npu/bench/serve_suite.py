@@ -87,7 +87,7 @@ def suite_serve(model: str, image: str = DEFAULT_IMAGE, *, clients: Sequence[int
                 backend: str = "torch", device: str = "cpu", window_ms: float = 5.0, max_batch: int = 8,
                 time_limit_s: float = 3600.0, log: Callable[[str], None] = print) -> dict:
     """Requests/s and p50/p99 latency per client count, batching on and off (module docstring)."""
-    from serve import ServerProcess
+    from modnet_npu.service.child import ServerProcess
 
     data = open(image, "rb").read()
     deadline = time.monotonic() + time_limit_s

@@ -12,7 +12,7 @@ import os
 from typing import NamedTuple, Union
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from modnet_npu.model.contract import MAX_MODEL_SIDE, SIZE_MULTIPLE
 from modnet_npu.errors import ModnetError
@@ -36,6 +36,37 @@ SizeSpec = Union[str, ShortSide, Size]
 
 class ImageReadError(ModnetError, ValueError):
     """An input that is not a readable image."""
+
+
+class _PngStreamWithoutTextLimits(PngImagePlugin.PngStream):
+    """Pillow's PNG chunk reader, except that a text chunk over Pillow's limits is dropped.
+
+    Pillow refuses the whole image when one zTXt/iTXt chunk inflates past
+    ``MAX_TEXT_CHUNK`` (1 MB) or its text totals ``MAX_TEXT_MEMORY`` (64 MB):
+    limits meant for the text, applied to pixels nobody here reads text for.
+    The limits still bound what is kept; only the refusal goes.
+    """
+
+    def _lenient(self, read, pos: int, length: int) -> bytes:
+        start = self.fp.tell()
+        try:
+            return read(pos, length)
+        except ValueError:  # "Decompressed data too large" / "Too much memory used in text chunks"
+            self.fp.seek(start)
+            return ImageFile._safe_read(self.fp, length)  # the chunk's bytes, for its checksum
+
+    def chunk_tEXt(self, pos: int, length: int) -> bytes:
+        return self._lenient(super().chunk_tEXt, pos, length)
+
+    def chunk_zTXt(self, pos: int, length: int) -> bytes:
+        return self._lenient(super().chunk_zTXt, pos, length)
+
+    def chunk_iTXt(self, pos: int, length: int) -> bytes:
+        return self._lenient(super().chunk_iTXt, pos, length)
+
+
+# PngImageFile looks PngStream up in its module each time it opens a file
+PngImagePlugin.PngStream = _PngStreamWithoutTextLimits
 
 
 # --------------------------------------------------------------------------

@@ -134,13 +134,14 @@ class OrtEngine:
         self.fixed_size: Size | None = (int(shape[2]), int(shape[3])) if static_hw else None
         self.fixed_batch = int(shape[0]) if isinstance(shape[0], int) else None
         self.description = "ONNX Runtime on the CPU"
+        self.run_options = None  # onnxruntime.RunOptions for every run (the service shrinks the arena with it)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The graph's own output ``(N, 1, h, w)``; a fixed-batch graph takes a batch image by image."""
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
             return np.concatenate([self.run(x[i : i + 1]) for i in range(x.shape[0])])
         try:
-            return self.session.run(None, {self.input_name: x})[0]
+            return self.session.run(None, {self.input_name: x}, self.run_options)[0]
         except Exception as exc:
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise

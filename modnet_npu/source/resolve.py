@@ -260,6 +260,21 @@ def _resolve_id(spec: str, models_dir: str, sha256: str | None, offline: bool, f
     return _download_id(spec, dest, expected, fetch, log)
 
 
+def _not_a_file(path: str) -> str:
+    """What ``path`` is, when it is not a regular file (a model must be one)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "no such file"
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {what}, not a model file"
+    return "not a regular file"
+
+
 def resolve_model(
     spec: str = DEFAULT_MODEL_ID,
     models_dir: str = DEFAULT_MODELS_DIR,
@@ -281,7 +296,7 @@ def resolve_model(
         return _resolve_url(spec, models_dir, sha256, offline, fetch, log)
     if os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec):
         if not os.path.isfile(spec):
-            raise ModelNotFoundError(f"{spec}: no such file")
+            raise ModelNotFoundError(f"{spec}: {_not_a_file(spec)}")
         return ModelSource("local", os.path.abspath(spec), _check_sha(spec, sha256, spec))
     if not _MODEL_ID_RE.match(spec):
         raise ModelNotFoundError(f"{spec!r} is neither a file, an http(s) URL nor a model id like {DEFAULT_MODEL_ID}")

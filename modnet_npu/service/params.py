@@ -1,0 +1,89 @@
+"""Request parameters: ``/api/matte``'s own and the rembg-compatible layer (``/api/remove``).
+
+Each parser takes the request's text fields and returns :class:`MatteParams`,
+or raises ValueError (answered 422) naming the bad one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modnet_npu.matting.codec import CONTENT_TYPES  # the one encoder's formats
+from modnet_npu.matting.imaging import SizeSpec, parse_color, parse_size_spec
+from modnet_npu.matting.matter import MODES
+from modnet_npu.service.limits import MAX_VALUE_CHARS, shown
+
+MATTE_FIELDS = ("mode", "background", "size", "format", "url")
+# rembg's server parameters that choose among its own models or tune its own
+# post-processing: meaningless for MODNet, accepted so that existing clients work
+REMBG_IGNORED = ("model", "a", "af", "ab", "ae", "ppm", "extras")
+REMBG_HONOURED = {"om": "true: the matte only (mode=matte)",
+                  "bgc": "r,g,b[,a]: the cutout over this colour (alpha 255: opaque, as mode=composite)"}
+FORM_FIELDS = {*MATTE_FIELDS, *REMBG_IGNORED, "om", "bgc"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+MAX_SPEC_CHARS = 256  # any parameter but url (and rembg's ignored extras): a mode, a colour, a size is a few characters
+
+
+@dataclass(frozen=True)
+class MatteParams:
+    mode: str = "cutout"
+    background: str | tuple[int, ...] = "white"  # "blur", (r, g, b), or (r, g, b, a) from rembg's bgc
+    size: SizeSpec | None = None  # None: the server's --size
+    format: str = "png"
+
+
+def check_lengths(fields: dict[str, str]) -> None:
+    """ValueError for a value no parameter could need: refused before it is parsed or quoted."""
+    for name, value in fields.items():
+        limit = MAX_VALUE_CHARS if name in ("url", "extras") else MAX_SPEC_CHARS
+        if len(value) > limit:
+            raise ValueError(f"{shown(name)}: a value of {len(value)} characters is over the limit of {limit}")
+
+
+def parse_matte_params(fields: dict[str, str]) -> MatteParams:
+    """``/api/matte``'s parameters; ValueError (422) naming the bad one."""
+    unknown = sorted(set(fields) - set(MATTE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown parameter {shown(unknown[0])}; known: {', '.join(MATTE_FIELDS)}")
+    check_lengths(fields)
+    mode = fields.get("mode", "cutout").strip().lower() or "cutout"
+    if mode not in MODES:
+        raise ValueError(f"mode {shown(mode)} is not one of {', '.join(MODES)}")
+    fmt = fields.get("format", "png").strip().lower() or "png"
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    if fmt not in CONTENT_TYPES:
+        raise ValueError(f"format {shown(fmt)} is not one of {', '.join(CONTENT_TYPES)}")
+    background: str | tuple[int, ...] = fields.get("background", "white").strip() or "white"
+    if background.lower() == "blur":
+        background = "blur"
+    else:
+        # parsed to numbers here: a string reaching make_background could name a file on the server
+        background = parse_color(background)
+    size = parse_size_spec(fields["size"]) if fields.get("size", "").strip() else None
+    return MatteParams(mode, background, size, fmt)
+
+
+def _flag(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={shown(text)} is not true or false")
+
+
+def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
+    """rembg's parameters: ``om`` (matte only), ``bgc`` (r,g,b[,a]); its model-specific ones ignored."""
+    check_lengths(fields)
+    if _flag("om", fields.get("om", "false")):
+        return MatteParams(mode="matte")
+    bgc = fields.get("bgc", "").strip()
+    if not bgc:
+        return MatteParams(mode="cutout")
+    try:
+        rgba = tuple(int(v) for v in bgc.split(","))
+    except ValueError:
+        rgba = ()
+    if len(rgba) not in (3, 4) or not all(0 <= v <= 255 for v in rgba):
+        raise ValueError(f"bgc={shown(bgc)} is not r,g,b or r,g,b,a with values 0..255")
+    return MatteParams(mode="composite", background=rgba if len(rgba) == 4 else (*rgba, 255))
+
