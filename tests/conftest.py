@@ -1,13 +1,19 @@
-"""Shared fixtures: MODNet ONNX files in every flavour, made once per session.
+"""Shared fixtures (MODNet ONNX files in every flavour, made once per session) and the markers.
 
 Exports take ~30 s on two cores, so the files are cached in pytest's cache
 folder, keyed by the code and library versions that produce them.
+
+Markers (registered in pyproject.toml) are applied here, by test module, test name and fixture,
+so test files need no edits: ``slow``, ``browser``, ``ray``, ``device``, and ``fast`` for every
+test with none of those. The fast subset: ``python3 -m pytest -q -m fast tests``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.server
+import importlib.util
 import threading
 import sys
 from pathlib import Path
@@ -108,3 +114,68 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
         httpd.shutdown()
         httpd.server_close()
         thread.join(10)
+
+
+# --------------------------------------------------------------------------
+# markers
+# --------------------------------------------------------------------------
+
+# every test of a module
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_serve_browser.py": ("browser", "slow"),
+    "test_error_contract.py": ("slow",),  # 16 commands as subprocesses, each loading torch: ~35 s of CPU
+}
+
+# every test that uses a fixture (module, fixture name): the fixture starts Ray, or costs seconds
+FIXTURE_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("test_scaleout.py", "cluster"): ("ray", "slow"),
+}
+
+# single tests (module, test name without its parameters)
+TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("test_scaleout.py", "test_missing_device_fails_fast_and_the_local_ray_is_shut_down"): ("ray", "slow"),
+    ("test_devices.py", "test_cuda_index_out_of_range"): ("device",),
+    ("test_acceleration.py", "test_cuda_graph_capture_matches_eager"): ("device",),
+}
+
+NOT_FAST = ("slow", "browser", "ray", "device")
+
+
+@functools.lru_cache(maxsize=1)
+def accelerator() -> str | None:
+    """The accelerator this machine has ("cuda", "npu", "mps"), or None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if importlib.util.find_spec("torch_npu") is not None:
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu)
+
+            if torch.npu.is_available():
+                return "npu"
+        except Exception:  # a broken CANN set-up: no usable NPU, which is what the skip says
+            pass
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else None
+
+
+def _markers_for(item: pytest.Item) -> set[str]:
+    module = item.path.name
+    names = set(MODULE_MARKERS.get(module, ()))
+    names.update(TEST_MARKERS.get((module, item.originalname), ()))
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    for fixture in getattr(item, "fixturenames", ()):
+        if fixture not in params:  # a parameter that happens to share a fixture's name is not it
+            names.update(FIXTURE_MARKERS.get((module, fixture), ()))
+    return names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in sorted(_markers_for(item)):
+            item.add_marker(name)
+        if item.get_closest_marker("device") is not None and accelerator() is None:
+            item.add_marker(pytest.mark.skip(reason="needs an accelerator (CUDA, Ascend NPU or MPS): none here"))
+        if not any(item.get_closest_marker(name) for name in NOT_FAST):
+            item.add_marker("fast")
