@@ -14,6 +14,7 @@ import functools
 import hashlib
 import http.server
 import importlib.util
+import signal
 import threading
 import sys
 from pathlib import Path
@@ -120,15 +121,23 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
 # markers
 # --------------------------------------------------------------------------
 
+# Picked by measuring (--durations=0, whole suite, a 2-core machine at load ~10): a test is slow when
+# it took over 4 s there (about 0.8 s on two idle cores), or uses a fixture that costs that much.
+
 # every test of a module
 MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_serve_browser.py": ("browser", "slow"),
     "test_error_contract.py": ("slow",),  # 16 commands as subprocesses, each loading torch: ~35 s of CPU
 }
 
-# every test that uses a fixture (module, fixture name): the fixture starts Ray, or costs seconds
+# every test that uses a fixture, directly or through another (module, fixture name)
 FIXTURE_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_scaleout.py", "cluster"): ("ray", "slow"),
+    ("test_convert_onnx_to_torch.py", "converted"): ("slow",),  # converts all nine flavours
+    ("test_layerwise.py", "reports"): ("slow",),  # compare_layers on every flavour and form
+    ("test_layerwise.py", "faults"): ("slow",),
+    ("test_layerwise.py", "half"): ("slow",),
+    ("test_run_npu_inference.py", "offline_run"): ("slow",),  # the whole pipeline
 }
 
 # single tests (module, test name without its parameters)
@@ -138,7 +147,48 @@ TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_acceleration.py", "test_cuda_graph_capture_matches_eager"): ("device",),
 }
 
+SLOW_TESTS: dict[str, tuple[str, ...]] = {
+    "test_acceleration.py": ("test_batch_parallel_gives_the_same_result", "test_compiled_package_is_cached_and_reused",
+                             "test_modnet_compiled_through_the_runner_matches_eager"),
+    "test_benchmark.py": ("test_busy_suite_smoke", "test_engines_suite_smoke"),
+    "test_convert_onnx_to_torch.py": ("test_cli_writes_a_strict_loadable_state_dict",),
+    "test_imaging.py": ("test_background_strip_on_a_big_photo_stays_within_memory",),
+    "test_inference.py": ("test_folder_of_mixed_images_with_one_corrupt",
+                          "test_garbage_on_stdin_is_one_line_without_an_object_repr",
+                          "test_output_folder_inside_the_input_is_not_read_back",
+                          "test_output_folder_that_is_the_input_folder", "test_rerun_produces_only_the_missing_output",
+                          "test_stdin_to_stdout", "test_torch_and_ort_agree_within_one_level",
+                          "test_video_keeps_frames_rate_audio_and_alpha"),
+    "test_inference_form.py": ("test_half_precision_stays_close", "test_same_function_as_faithful_at_any_size"),
+    "test_layerwise.py": ("test_bad_options_are_errors",),
+    "test_modnet_arch.py": ("test_analysis_of_an_anonymous_graph", "test_cli_table_and_json",
+                            "test_cost_grows_with_pixels"),
+    "test_pipeline.py": ("test_ground_truth_problems_are_one_line", "test_layerwise_on_request_finds_no_divergence",
+                         "test_many_images_sizes_and_ground_truth_with_one_failing"),
+    "test_process_setup.py": ("test_spin_bound_reaches_libgomp_when_set_before_torch",),
+    "test_run_npu_inference.py": ("test_faithful_form_is_measured_when_asked",
+                                  "test_half_precision_run_reports_its_precision",
+                                  "test_local_dynamic_file_at_another_size", "test_parity_failure_exits_non_zero"),
+    "test_service.py": ("test_a_full_queue_answers_503_with_retry_after", "test_a_model_that_cannot_load_ends_the_server",
+                        "test_inference_over_the_timeout_is_a_504_and_keeps_its_slot_until_done",
+                        "test_soak_no_errors_and_bounded_memory"),
+    "test_synthetic_model.py": ("test_flavours_are_what_they_claim",
+                                "test_the_pipelines_flavour_needs_only_requirements_txt"),
+    "test_video.py": ("test_a_real_write_failure_through_the_cli",),
+}
+
 NOT_FAST = ("slow", "browser", "ray", "device")
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@pytest.fixture(autouse=True)
+def _process_signal_handlers():
+    """A command's main() run in-process turns SIGTERM and SIGHUP into KeyboardInterrupt for the rest of
+    the process (modnet_npu.cli.interrupt_on_signals): put the test process's own handlers back."""
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,9 +211,11 @@ def accelerator() -> str | None:
 
 
 def _markers_for(item: pytest.Item) -> set[str]:
-    module = item.path.name
+    module, test = item.path.name, getattr(item, "originalname", item.name)
     names = set(MODULE_MARKERS.get(module, ()))
-    names.update(TEST_MARKERS.get((module, item.originalname), ()))
+    names.update(TEST_MARKERS.get((module, test), ()))
+    if test in SLOW_TESTS.get(module, ()):
+        names.add("slow")
     params = item.callspec.params if hasattr(item, "callspec") else {}
     for fixture in getattr(item, "fixturenames", ()):
         if fixture not in params:  # a parameter that happens to share a fixture's name is not it

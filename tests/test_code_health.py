@@ -153,3 +153,21 @@ def test_torch_free_modules_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code, *TORCH_FREE], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+
+
+def test_the_marker_lists_name_tests_and_fixtures_that_exist():
+    # conftest.py marks tests by name: a renamed test would silently leave its marker behind
+    import conftest
+
+    def defined(module: str) -> set[str]:
+        path = ROOT / "tests" / module
+        if not path.exists():
+            return set()
+        tree = ast.parse(path.read_text())
+        return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+    wanted = [(m, t) for (m, t) in conftest.TEST_MARKERS] + [(m, f) for (m, f) in conftest.FIXTURE_MARKERS]
+    wanted += [(m, t) for m, tests in conftest.SLOW_TESTS.items() for t in tests]
+    stale = [f"{m}::{name}" for m, name in wanted if name not in defined(m) | defined("conftest.py")]
+    stale += [m for m in conftest.MODULE_MARKERS if not (ROOT / "tests" / m).exists()]
+    assert not stale, "tests/conftest.py marks what does not exist (renamed?):\n" + "\n".join(stale)
