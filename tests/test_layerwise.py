@@ -128,8 +128,8 @@ def test_the_layerwise_session_still_computes_the_model(flavour_files, portrait_
     expected = session.run(None, {session.get_inputs()[0].name: portrait_input})[0]
     model = onnx.load(path)
     got = layerwise.run_onnx(model, ["output"], portrait_input)
-    # ORT's fused kernels sum in another order: rounding alone may part them (6.6e-6 on an AMD EPYC,
-    # 1.44e-5 on an Intel AVX-512/AMX CPU, bound 8.7e-5); a wrong wiring moves the matte by > 1e-2
+    # ORT's fused kernels sum in another order: rounding alone parts them (measured 6.6e-6 on an AMD
+    # EPYC, 1.44e-5 on an Intel AVX-512/AMX CPU; the bound for this file is 8.7e-5, tests/rounding.py)
     assert np.abs(got["output"] - expected).max() <= graph_rounding_bound(model, expected)
 
 
