@@ -121,13 +121,13 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
 # markers
 # --------------------------------------------------------------------------
 
-# Picked by measuring (--durations=0, whole suite, a 2-core machine at load ~10): a test is slow when
-# it took over 4 s there (about 0.8 s on two idle cores), or uses a fixture that costs that much.
+# Picked by measuring (--durations=0, the whole suite on a shared 2-core machine at load ~10: 24 min
+# wall, 7 min CPU): a test is slow when it took over 4 s there, or uses a fixture that cost that much.
 
 # every test of a module
 MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_serve_browser.py": ("browser", "slow"),
-    "test_error_contract.py": ("slow",),  # 16 commands as subprocesses, each loading torch: ~35 s of CPU
+    "test_error_contract.py": ("slow",),  # 16 subprocesses; the bad-option half alone took 17 s of CPU
 }
 
 # every test that uses a fixture, directly or through another (module, fixture name)
