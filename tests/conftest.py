@@ -1,13 +1,20 @@
-"""Shared fixtures: MODNet ONNX files in every flavour, made once per session.
+"""Shared fixtures (MODNet ONNX files in every flavour, made once per session) and the markers.
 
 Exports take ~30 s on two cores, so the files are cached in pytest's cache
 folder, keyed by the code and library versions that produce them.
+
+Markers (registered in pyproject.toml) are applied here, by test module, test name and fixture,
+so test files need no edits: ``slow``, ``browser``, ``ray``, ``device``, and ``fast`` for every
+test with none of those. The fast subset: ``python3 -m pytest -q -m fast tests``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.server
+import importlib.util
+import signal
 import threading
 import sys
 from pathlib import Path
@@ -108,3 +115,119 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
         httpd.shutdown()
         httpd.server_close()
         thread.join(10)
+
+
+# --------------------------------------------------------------------------
+# markers
+# --------------------------------------------------------------------------
+
+# Picked by measuring (--durations=0, the whole suite on a shared 2-core machine at load ~10: 24 min
+# wall, 7 min CPU): a test is slow when it took over 4 s there, or uses a fixture that cost that much.
+
+# every test of a module
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_serve_browser.py": ("browser", "slow"),
+    "test_error_contract.py": ("slow",),  # 16 subprocesses; the bad-option half alone took 17 s of CPU
+}
+
+# every test that uses a fixture, directly or through another (module, fixture name)
+FIXTURE_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("test_scaleout.py", "cluster"): ("ray", "slow"),
+    ("test_convert_onnx_to_torch.py", "converted"): ("slow",),  # converts all nine flavours
+    ("test_layerwise.py", "reports"): ("slow",),  # compare_layers on every flavour and form
+    ("test_layerwise.py", "faults"): ("slow",),
+    ("test_layerwise.py", "half"): ("slow",),
+    ("test_run_npu_inference.py", "offline_run"): ("slow",),  # the whole pipeline
+}
+
+# single tests (module, test name without its parameters)
+TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("test_scaleout.py", "test_missing_device_fails_fast_and_the_local_ray_is_shut_down"): ("ray", "slow"),
+    ("test_devices.py", "test_cuda_index_out_of_range"): ("device",),
+    ("test_acceleration.py", "test_cuda_graph_capture_matches_eager"): ("device",),
+}
+
+SLOW_TESTS: dict[str, tuple[str, ...]] = {
+    "test_acceleration.py": ("test_batch_parallel_gives_the_same_result", "test_compiled_package_is_cached_and_reused",
+                             "test_modnet_compiled_through_the_runner_matches_eager"),
+    "test_benchmark.py": ("test_busy_suite_smoke", "test_engines_suite_smoke"),
+    "test_convert_onnx_to_torch.py": ("test_cli_writes_a_strict_loadable_state_dict",),
+    "test_imaging.py": ("test_background_strip_on_a_big_photo_stays_within_memory",),
+    "test_inference.py": ("test_folder_of_mixed_images_with_one_corrupt",
+                          "test_garbage_on_stdin_is_one_line_without_an_object_repr",
+                          "test_output_folder_inside_the_input_is_not_read_back",
+                          "test_output_folder_that_is_the_input_folder", "test_rerun_produces_only_the_missing_output",
+                          "test_stdin_to_stdout", "test_torch_and_ort_agree_within_one_level",
+                          "test_video_keeps_frames_rate_audio_and_alpha"),
+    "test_inference_form.py": ("test_half_precision_stays_close", "test_same_function_as_faithful_at_any_size"),
+    "test_layerwise.py": ("test_bad_options_are_errors",),
+    "test_modnet_arch.py": ("test_analysis_of_an_anonymous_graph", "test_cli_table_and_json",
+                            "test_cost_grows_with_pixels"),
+    "test_pipeline.py": ("test_ground_truth_problems_are_one_line", "test_layerwise_on_request_finds_no_divergence",
+                         "test_many_images_sizes_and_ground_truth_with_one_failing"),
+    "test_process_setup.py": ("test_spin_bound_reaches_libgomp_when_set_before_torch",),
+    "test_run_npu_inference.py": ("test_faithful_form_is_measured_when_asked",
+                                  "test_half_precision_run_reports_its_precision",
+                                  "test_local_dynamic_file_at_another_size", "test_parity_failure_exits_non_zero"),
+    "test_service.py": ("test_a_full_queue_answers_503_with_retry_after", "test_a_model_that_cannot_load_ends_the_server",
+                        "test_inference_over_the_timeout_is_a_504_and_keeps_its_slot_until_done",
+                        "test_soak_no_errors_and_bounded_memory"),
+    "test_synthetic_model.py": ("test_flavours_are_what_they_claim",
+                                "test_the_pipelines_flavour_needs_only_requirements_txt"),
+    "test_video.py": ("test_a_real_write_failure_through_the_cli",),
+}
+
+NOT_FAST = ("slow", "browser", "ray", "device")
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@pytest.fixture(autouse=True)
+def _process_signal_handlers():
+    """A command's main() run in-process turns SIGTERM and SIGHUP into KeyboardInterrupt for the rest of
+    the process (modnet_npu.cli.interrupt_on_signals): put the test process's own handlers back."""
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@functools.lru_cache(maxsize=1)
+def accelerator() -> str | None:
+    """The accelerator this machine has ("cuda", "npu", "mps"), or None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if importlib.util.find_spec("torch_npu") is not None:
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu)
+
+            if torch.npu.is_available():
+                return "npu"
+        except Exception:  # a broken CANN set-up: no usable NPU, which is what the skip says
+            pass
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else None
+
+
+def _markers_for(item: pytest.Item) -> set[str]:
+    module, test = item.path.name, getattr(item, "originalname", item.name)
+    names = set(MODULE_MARKERS.get(module, ()))
+    names.update(TEST_MARKERS.get((module, test), ()))
+    if test in SLOW_TESTS.get(module, ()):
+        names.add("slow")
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    for fixture in getattr(item, "fixturenames", ()):
+        if fixture not in params:  # a parameter that happens to share a fixture's name is not it
+            names.update(FIXTURE_MARKERS.get((module, fixture), ()))
+    return names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in sorted(_markers_for(item)):
+            item.add_marker(name)
+        if item.get_closest_marker("device") is not None and accelerator() is None:
+            item.add_marker(pytest.mark.skip(reason="needs an accelerator (CUDA, Ascend NPU or MPS): none here"))
+        if not any(item.get_closest_marker(name) for name in NOT_FAST):
+            item.add_marker("fast")

@@ -154,13 +154,16 @@ def test_modnet_compiled_through_the_runner_matches_eager(seeded_model, tmp_path
     assert (stats.compiled_now, stats.compiled_from_cache, stats.captures) == (1, 0, 0)
 
 
-def test_compile_without_a_cxx_compiler_is_one_clear_line(monkeypatch, tmp_path):
+def test_compile_without_a_cxx_compiler_is_one_clear_line(tmp_path):
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler-anywhere"))
-    assert fp.cpp_compiler() is None
-    with pytest.raises(fp.FastPathError, match=r"needs a C\+\+ compiler \(g\+\+\); install it") as err:
-        fp.compile_model(TwoConvs(), torch.device("cpu"), str(tmp_path))
+    # inductor's config is not a plain object: monkeypatch's undo deletes what it set (pytest >= 9)
+    # and so hides the option for every later test; config.patch restores it through its own setter
+    with config.patch({"cpp.cxx": (None, "no-such-compiler-anywhere")}):
+        assert fp.cpp_compiler() is None
+        with pytest.raises(fp.FastPathError, match=r"needs a C\+\+ compiler \(g\+\+\); install it") as err:
+            fp.compile_model(TwoConvs(), torch.device("cpu"), str(tmp_path))
+    assert config.cpp.cxx != (None, "no-such-compiler-anywhere")  # put back
     assert "\n" not in str(err.value)
 
 

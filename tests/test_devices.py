@@ -160,6 +160,16 @@ def test_one_line_keeps_the_type_and_the_first_line_only():
     assert devices.one_line(KeyError()) == "KeyError"
 
 
+@pytest.fixture(autouse=True)
+def tf32_switches():
+    """activate(strict_fp32=True) changes these process-wide switches: put them back by assignment,
+    the route torch reads them through (cuBLASModule has no plain attribute for monkeypatch's undo
+    to restore: pytest >= 9 deletes it and the next read fails)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class _FakeCuda:
     """Records what devices.py asks torch.cuda for."""
 
@@ -169,9 +179,6 @@ class _FakeCuda:
         self.bf16 = bf16
         for name in ("set_device", "synchronize", "current_device", "is_bf16_supported", "get_device_name"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
-        # activate(strict_fp32=True) changes these process-wide switches: put them back afterwards
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
 
     def set_device(self, index):
         self.calls.append(("set_device", index))

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from modnet_npu.proof import layerwise
+from rounding import graph_rounding_bound
 from modnet_npu.source import synthetic as synthetic_model
 from modnet_npu.conversion.convert import convert
 from modnet_npu.model.optimized import OptimizedMODNet, optimize, with_precision
@@ -125,8 +126,11 @@ def test_the_layerwise_session_still_computes_the_model(flavour_files, portrait_
     path = flavour_files["official"]
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: portrait_input})[0]
-    got = layerwise.run_onnx(onnx.load(path), ["output"], portrait_input)
-    assert np.abs(got["output"] - expected).max() < 1e-5
+    model = onnx.load(path)
+    got = layerwise.run_onnx(model, ["output"], portrait_input)
+    # ORT's fused kernels sum in another order: rounding alone parts them (measured 6.6e-6 on an AMD
+    # EPYC, 1.44e-5 on an Intel AVX-512/AMX CPU; the bound for this file is 8.7e-5, tests/rounding.py)
+    assert np.abs(got["output"] - expected).max() <= graph_rounding_bound(model, expected)
 
 
 def test_the_layerwise_session_comes_from_the_one_session_factory(flavour_files, portrait_input, monkeypatch):

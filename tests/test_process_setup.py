@@ -12,6 +12,7 @@ from modnet_npu.runtime import process_setup
 from modnet_npu.proof import timing
 
 ROOT = Path(__file__).resolve().parents[1]
+IMPORT = "from modnet_npu.runtime import process_setup"  # in a child: its own interpreter, torch not loaded yet
 
 
 def test_threads_are_clamped_to_the_cpus_this_process_may_use():
@@ -49,7 +50,7 @@ def _child(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_spin_bound_reaches_libgomp_when_set_before_torch():
-    code = ("import sys; from modnet_npu.runtime import process_setup; assert 'torch' not in sys.modules; "
+    code = (f"import sys; {IMPORT}; assert 'torch' not in sys.modules; "
             "print(process_setup.configure_openmp()); import torch; torch.ones(4).sum()")
     out = _child(code, OMP_DISPLAY_ENV="VERBOSE")  # libgomp prints the settings it read, when loaded
     assert f"'GOMP_SPINCOUNT': '{process_setup.GOMP_SPINCOUNT}'" in out.stdout
@@ -58,5 +59,5 @@ def test_spin_bound_reaches_libgomp_when_set_before_torch():
 
 
 def test_a_wait_policy_the_user_set_wins():
-    out = _child("from modnet_npu.runtime import process_setup; print(process_setup.configure_openmp())", OMP_WAIT_POLICY="ACTIVE")
+    out = _child(f"{IMPORT}; print(process_setup.configure_openmp())", OMP_WAIT_POLICY="ACTIVE")
     assert "GOMP_SPINCOUNT" not in out.stdout and "'OMP_WAIT_POLICY': 'ACTIVE'" in out.stdout

@@ -28,12 +28,24 @@ WAIT_S = 90.0  # every wait is bounded; generous for a busy 2-core machine
 
 
 def _require_browser() -> None:
+    """Skip, saying why, where no browser can be had (.ci/run installs Debian's)."""
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -r requirements-dev.txt)")
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"{', '.join(missing)} missing and apt-get unavailable to install chromium chromium-driver")
-    pytest.fail(f"{', '.join(missing)} missing: run .ci/run, or apt-get install chromium chromium-driver")
+    if missing:
+        pytest.skip(f"no browser: {', '.join(missing)} missing (apt-get install chromium chromium-driver)")
+
+
+def _start_chrome(options):
+    """Chromium under chromedriver, or a skip with the first line of why it would not start."""
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    try:
+        return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except (WebDriverException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split("; For documentation")[0]
+        pytest.skip(f"no browser: chromium did not start ({first})")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +67,8 @@ def page_server(flavour_files, tmp_path_factory):
 
 @pytest.fixture()
 def browser(tmp_path):
+    _require_browser()
     from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -71,7 +83,7 @@ def browser(tmp_path):
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False,
                                               "profile.default_content_setting_values.automatic_downloads": 1})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = _start_chrome(options)
     driver.set_page_load_timeout(WAIT_S)
     driver.set_script_timeout(WAIT_S)
     try:
