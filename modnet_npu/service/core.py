@@ -183,7 +183,7 @@ class Service:
         self.memory = memory_bound(self.settings, _rss_bytes())
         log.info("ready: %s; model %s (%s)", matter.engine.description, os.path.basename(matter.source.path),
                  matter.source.source)
-        terms = self.memory.as_dict()
+        terms = self.memory.to_dict()
         log.info("memory: at most %.1f GB with these limits (%s MB)", terms.pop("total") / 1000,
                  ", ".join(f"{k} {v:g}" for k, v in terms.items()))
         if matter.source.warning:
@@ -277,7 +277,7 @@ class Service:
                        "max_connections_per_client": s.max_connections_per_client,
                        "header_timeout_s": s.header_timeout_s, "body_timeout_s": s.body_timeout_s,
                        "keep_alive_s": s.keep_alive_s},
-            "memory_bound_mb": self.memory.as_dict() if self.memory is not None else None,
+            "memory_bound_mb": self.memory.to_dict() if self.memory is not None else None,
             "rembg": {"routes": ["POST /api/remove", "GET /api/remove?url=..."], "honoured": REMBG_HONOURED,
                       "ignored_parameters": list(REMBG_IGNORED),
                       "note": "rembg's model choice and its alpha-matting and mask post-processing options "

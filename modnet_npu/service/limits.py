@@ -95,7 +95,7 @@ class MemoryBound:
     def total(self) -> int:
         return sum(getattr(self, f.name) for f in fields(self))
 
-    def as_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         """Megabytes, term by term, and the total."""
         out = {f.name: round(getattr(self, f.name) / 1e6, 1) for f in fields(self)}
         out["total"] = round(self.total / 1e6, 1)
