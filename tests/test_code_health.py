@@ -52,7 +52,8 @@ def test_no_function_longer_than_60_lines():
 
 
 def test_no_module_longer_than_600_lines():
-    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in _python_files()
+    product = [p for p in _python_files() if p.parent.name != "tests"]  # a test file may hold many cases
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in product
             if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them at their seams):\n" + "\n".join(long)
 

@@ -188,8 +188,10 @@ def test_a_matter_checks_the_raw_output_before_clipping_hides_inf():
         def infer(self, x):
             return np.full((x.shape[0], x.shape[2], x.shape[3]), np.inf, np.float32)  # clipped, it would read 1.0
 
-    matter = Matter.__new__(Matter)
-    matter.engine, matter.size, matter.max_side = InfEngine(), "auto", 4096
+    from modnet_npu.runtime.options import EngineOptions
+
+    matter = Matter.__new__(Matter)  # the engine alone, without opening a model
+    matter.engine, matter.options = InfEngine(), EngineOptions(size="auto")
     with pytest.raises(NonFiniteMatteError):
         matter.mattes([np.zeros((64, 64, 3), np.uint8)])
 
