@@ -20,7 +20,7 @@ def _arrays():
 @pytest.mark.parametrize("fmt", codec.FORMATS)
 @pytest.mark.parametrize("kind", ["matte", "rgb", "rgba"])
 def test_files_and_the_service_get_the_same_bytes(fmt, kind, tmp_path):
-    from modnet_npu.service.app import encode as service_encode
+    from modnet_npu.service.codec import encode as service_encode
 
     array = _arrays()[kind]
     encoded = codec.encode(array, fmt)

@@ -1,6 +1,8 @@
 """serve.py's engine options are inference.py's (one group), and the service sizes images as Matter does."""
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from modnet_npu.runtime.options import EngineOptions, engine_options_from
@@ -26,12 +28,19 @@ def wide_matter(flavour_files):
         yield matter
 
 
+def _settings_only():
+    """A stand-in for a service: its default limits, nothing started."""
+    from modnet_npu.service.limits import ServiceSettings
+
+    return types.SimpleNamespace(settings=ServiceSettings())
+
+
 def test_the_service_sizes_with_the_servers_max_side(wide_matter):
     from modnet_npu.service.app import Service
 
-    # Service.model_size reads nothing of the service itself: called unbound, without starting one
-    assert Service.model_size(None, wide_matter, None, 48, 2080) == (32, 4160)
-    assert Service.model_size(None, wide_matter, (64, 96), 48, 2080) == (64, 96)
+    # Service.model_size reads only the service's settings: called unbound, without starting one
+    assert Service.model_size(_settings_only(), wide_matter, None, 48, 2080) == (32, 4160)
+    assert Service.model_size(_settings_only(), wide_matter, (64, 96), 48, 2080) == (64, 96)
 
 
 def test_an_image_too_wide_for_the_limit_is_a_422_not_a_500(flavour_files):
@@ -41,7 +50,7 @@ def test_an_image_too_wide_for_the_limit_is_a_422_not_a_500(flavour_files):
 
     with Matter(model=flavour_files["official"], backend="torch", device="cpu", threads=1, size=512) as matter:
         with pytest.raises(ApiError) as refused:
-            Service.model_size(None, matter, None, 40, 4000)  # 512 x 51200 at a short side of 512
+            Service.model_size(_settings_only(), matter, None, 40, 4000)  # 512 x 51200 at a short side of 512
         assert refused.value.status == 422 and "exceeds the limit of 4096" in refused.value.message
         with pytest.raises(ApiError, match="size: model input"):
-            Service.model_size(None, matter, ShortSide(512), 40, 4000)
+            Service.model_size(_settings_only(), matter, ShortSide(512), 40, 4000)
