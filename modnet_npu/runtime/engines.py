@@ -29,7 +29,7 @@ from modnet_npu.runtime.acceleration import FastPathStats, make_runner
 from modnet_npu.matting.imaging import Size
 from modnet_npu.model.precision import check as check_precision
 
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "openvino")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
@@ -230,6 +230,12 @@ def open_engine(backend: str, onnx_path: str, *, device: str = "auto", precision
         if check_precision(precision) != "fp32":
             raise ValueError(f"the ort backend runs the file as it is; --precision {precision} needs --backend torch")
         return OrtEngine(onnx_path, threads=threads, validate=validate)
+    if backend == "openvino":  # modnet_npu/runtime/openvino_engine.py (optional package, imported there)
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"the openvino backend runs on the CPU; --device {device} needs --backend torch")
+        from modnet_npu.runtime.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(onnx_path, threads=threads, precision=check_precision(precision))
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from modnet_npu.conversion.convert import build_torch_model_from_onnx
