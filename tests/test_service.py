@@ -114,8 +114,8 @@ def test_info_reports_engine_model_and_limits(client, flavour_files):
     assert info["limits"] == {"max_bytes": 20_000_000, "max_pixels": 40_000_000, "max_queue": 64,
                               "timeout_s": 60.0, "url_timeout_s": 10.0, "private_urls_allowed": False}
     assert info["batching"]["max_batch"] == 8 and info["batching"]["window_ms"] == 5.0
-    assert {"model", "a", "af", "ab", "ae", "ppm", "extras"} <= set(info["rembg"]["ignored_parameters"])
-    assert set(info["rembg"]["honoured"]) == {"om", "bgc"}
+    assert {"model", "a", "af", "ab", "ae", "ppm", "vm", "extras"} <= set(info["rembg"]["ignored_parameters"])
+    assert set(info["rembg"]["honoured"]) == {"om", "bgc", "dc"}
     assert isinstance(info["requests_served"], int) and isinstance(info["forward_passes"], int)
 
 

@@ -42,18 +42,19 @@ from modnet_npu.service import url_fetch
 from modnet_npu.matting.imaging import (ImageReadError, ShortSide, Size, SizeSpec, cutout, input_size, load_image, parse_color,
                      parse_size_spec)
 from modnet_npu.matting.matter import MODES, Matter, render
+from modnet_npu.matting import foreground
+from modnet_npu.service import rembg_compat
 
 log = logging.getLogger("modnet.serve")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
-MATTE_FIELDS = ("mode", "background", "size", "format", "url")
-# rembg's server parameters that choose among its own models or tune its own
-# post-processing: meaningless for MODNet, accepted so that existing clients work
-REMBG_IGNORED = ("model", "a", "af", "ab", "ae", "ppm", "extras")
-REMBG_HONOURED = {"om": "true: the matte only (mode=matte)",
-                  "bgc": "r,g,b[,a]: the cutout over this colour (alpha 255: opaque, as mode=composite)"}
-FORM_FIELDS = {*MATTE_FIELDS, *REMBG_IGNORED, "om", "bgc"}
+MATTE_FIELDS = ("mode", "background", "size", "format", "url", "dc")
+# rembg's server parameters (validated as rembg does: rembg_compat); those that choose among its own
+# models or tune its own post-processing are meaningless for MODNet, accepted so that existing clients work
+REMBG_IGNORED = rembg_compat.IGNORED
+REMBG_HONOURED = rembg_compat.HONOURED
+FORM_FIELDS = {*MATTE_FIELDS, *rembg_compat.FIELDS}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 # the image used to warm the model up: the size a typical upload is inferred at
 _WARMUP_IMAGE = (512, 512)
@@ -292,6 +293,7 @@ class MatteParams:
     background: str | tuple[int, ...] = "white"  # "blur", (r, g, b), or (r, g, b, a) from rembg's bgc
     size: SizeSpec | None = None  # None: the server's --size
     format: str = "png"
+    decontaminate: bool = False  # dc: the foreground's own colour at soft edges (matting/foreground.py)
 
 
 def parse_matte_params(fields: dict[str, str]) -> MatteParams:
@@ -313,7 +315,7 @@ def parse_matte_params(fields: dict[str, str]) -> MatteParams:
         # parsed to numbers here: a string reaching make_background could name a file on the server
         background = parse_color(background)
     size = parse_size_spec(fields["size"]) if fields.get("size", "").strip() else None
-    return MatteParams(mode, background, size, fmt)
+    return MatteParams(mode, background, size, fmt, _flag("dc", fields.get("dc", "false")))
 
 
 def _flag(name: str, text: str) -> bool:
@@ -326,19 +328,13 @@ def _flag(name: str, text: str) -> bool:
 
 
 def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
-    """rembg's parameters: ``om`` (matte only), ``bgc`` (r,g,b[,a]); its model-specific ones ignored."""
-    if _flag("om", fields.get("om", "false")):
+    """rembg's parameters, validated as rembg validates them (``rembg_compat``); ``om``, ``bgc`` and ``dc`` honoured."""
+    req = rembg_compat.parse(fields)
+    if req.only_mask:
         return MatteParams(mode="matte")
-    bgc = fields.get("bgc", "").strip()
-    if not bgc:
-        return MatteParams(mode="cutout")
-    try:
-        rgba = tuple(int(v) for v in bgc.split(","))
-    except ValueError:
-        rgba = ()
-    if len(rgba) not in (3, 4) or not all(0 <= v <= 255 for v in rgba):
-        raise ValueError(f"bgc={bgc!r} is not r,g,b or r,g,b,a with values 0..255")
-    return MatteParams(mode="composite", background=rgba if len(rgba) == 4 else (*rgba, 255))
+    if req.bgc is None:
+        return MatteParams(mode="cutout", decontaminate=req.decontaminate)
+    return MatteParams(mode="composite", background=req.bgc, decontaminate=req.decontaminate)
 
 
 # --------------------------------------------------------------------------
@@ -368,10 +364,11 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> np.ndarra
 
 
 def over_colour(rgb: np.ndarray, alpha: np.ndarray, rgba: tuple[int, ...]) -> np.ndarray:
-    """The cutout laid over a colour with its own opacity (rembg's ``bgc``); RGB when opaque."""
+    """The cutout laid over a colour with its own opacity (rembg's ``bgc``); RGBA, as rembg answers."""
     if rgba[3] == 255:
         background = np.broadcast_to(np.array(rgba[:3], np.uint8), rgb.shape)
-        return render("composite", rgb, alpha, np.ascontiguousarray(background))
+        opaque = render("composite", rgb, alpha, np.ascontiguousarray(background))
+        return np.concatenate([opaque, np.full((*opaque.shape[:2], 1), 255, np.uint8)], axis=2)
     if rgba[3] == 0:
         return cutout(rgb, alpha)
     a = np.clip(alpha, 0, 1)[..., None].astype(np.float32)
@@ -385,6 +382,8 @@ def over_colour(rgb: np.ndarray, alpha: np.ndarray, rgba: tuple[int, ...]) -> np
 def render_bytes(params: MatteParams, rgb: np.ndarray, alpha: np.ndarray,
                  background_image: np.ndarray | None) -> tuple[bytes, str]:
     """The encoded result and its content type."""
+    if params.decontaminate:
+        rgb = foreground.decontaminate(params.mode, rgb, alpha)
     if params.mode == "composite" and isinstance(params.background, tuple) and len(params.background) == 4:
         array = over_colour(rgb, alpha, params.background)
     else:
@@ -707,6 +706,8 @@ async def _produce(request: Request, service: Service, matter: Matter, slot: Slo
         params = parse(inp.fields)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
+    if params.decontaminate and not foreground.available():
+        raise ApiError(501, f"dc needs pymatting on the server: {foreground.INSTALL_HINT}")
     if url and inp.image is not None:
         raise ApiError(422, "send the image or a url, not both")
     data = inp.image if inp.image is not None else await service.fetch(url) if url else None
