@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from modnet_npu.graph.contract import NotAMattingModel
 from modnet_npu.graph.weights import OnnxReadError
 from modnet_npu.runtime import openvino_engine as ove
 from modnet_npu.source.synthetic import FLAVOURS
@@ -106,7 +107,7 @@ def test_refuses_a_model_that_is_not_a_matting_model(tmp_path):
                               opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "relu.onnx"
     onnx.save(model, str(path))
-    with pytest.raises(ove.OpenVinoModelError, match="not a matting model"):
+    with pytest.raises(NotAMattingModel, match=r"shape \[1, 5\], expected \(N, 3, h, w\)"):
         ove.OpenVinoEngine(str(path))
 
 

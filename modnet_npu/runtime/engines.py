@@ -81,11 +81,11 @@ class OrtEngine:
 
     def __init__(self, onnx_path: str, *, threads: int = 0, validate: bool = True) -> None:
         if validate:
-            # the same checks and one-line errors as the PyTorch side: a truncated,
-            # random or non-MODNet file must not reach ONNX Runtime's tracebacks
-            from modnet_npu.conversion.convert import convert
+            # a truncated, random or non-MODNet file must not reach ONNX Runtime's tracebacks;
+            # checked without building a PyTorch model (graph/contract.py: no torch, ~0.1 s)
+            from modnet_npu.graph.contract import check_matting_file
 
-            convert(onnx_path)
+            check_matting_file(onnx_path)
         self.session = ort_session(onnx_path, threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

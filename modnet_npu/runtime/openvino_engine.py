@@ -76,9 +76,10 @@ def _check_contract(model: Any, path: str) -> tuple[list[int | None], str]:
 
 def _read(core: Any, onnx_path: str) -> Any:
     """The model, its file checked first by the project's safe ONNX reader (external data included)."""
-    from modnet_npu.graph.weights import load_onnx
+    from modnet_npu.graph.contract import check_matting_file
 
-    load_onnx(onnx_path)  # OnnxReadError, one line, for a missing, truncated or hostile file
+    # OnnxReadError / NotAMattingModel, one line, for a missing, truncated, hostile or non-MODNet file
+    check_matting_file(onnx_path)
     try:
         return core.read_model(onnx_path)
     except Exception as exc:  # OpenVINO's frontend raises plain RuntimeErrors with multi-line text
