@@ -335,7 +335,13 @@ def run_peers(model: str, image: str = DEFAULT_IMAGE, *, settings: PeersSettings
     unknown = sorted(set(s.parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
-    rembg, why = _find_rembg(rembg_bin, u2net_home, log) if set(s.parts) - {"engines"} else (None, None)
+    from modnet_npu.runtime.process_setup import setup_process
+
+    # as every entry point does: OpenMP spinning off (PyTorch's threads would otherwise keep the cores
+    # busy between its calls and slow whatever runs next here), s.threads threads, Pillow's limits
+    setup_process(threads=s.threads)
+    needs_rembg = bool(set(s.parts) - {"engines"})
+    rembg, why = _find_rembg(rembg_bin, u2net_home, log) if needs_rembg else (None, "not used by the parts run")
     result: dict = {"suite": "peers", "model": os.path.relpath(model, REPO_ROOT) if model.startswith(REPO_ROOT)
                     else model, "image": os.path.basename(image), "settings": asdict(s), "machine": _machine(),
                     "rembg": asdict(rembg) if rembg else {"skipped": why}, "parts": {}}
