@@ -14,7 +14,7 @@ from typing import NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from modnet_npu.model.modnet import SIZE_MULTIPLE
+from modnet_npu.model.shape import SIZE_MULTIPLE
 from modnet_npu.errors import ModnetError
 
 REFERENCE_SIZE = 512  # MODNet's official inference rule

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from modnet_npu.errors import ModnetError
+from modnet_npu.model.shape import SIZE_MULTIPLE  # torch-free home (the image code imports it), re-exported
 
 INSTANCE_NORM_EPS = 1e-5
-SIZE_MULTIPLE = 32  # the backbone downsamples five times
 
 
 @dataclass(frozen=True)
