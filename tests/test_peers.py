@@ -1,6 +1,7 @@
 """The peers suite (rembg and OpenVINO beside our engines): its pieces, and a short run of each part."""
 from __future__ import annotations
 
+import os
 import stat
 import sys
 from pathlib import Path
@@ -146,3 +147,16 @@ def test_serve_part_drives_both_servers(flavour_files):
     assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in res["servers"].values())
     assert res["ratio_to_rembg"]["ours ort"] > 0
     assert all(m["after_load"]["rss_mb"] > 50 for m in result["parts"]["serve"]["memory_mb"].values())
+
+
+def test_whole_process_runs_start_empty_and_must_write_every_image(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"x")  # left by an earlier run: rembg p would skip its input
+    write = ps.WholeRun((sys.executable, "-c", f"open({str(out / 'a.png')!r}, 'wb').close()"), dict(os.environ),
+                        str(out), 1)
+    assert ps._run_timed(write) > 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+    silent = ps.WholeRun((sys.executable, "-c", "print('cannot read x.jpg')"), dict(os.environ), str(out), 1)
+    with pytest.raises(RuntimeError, match="status 0, 0 of 1 images written: cannot read x.jpg"):
+        ps._run_timed(silent)

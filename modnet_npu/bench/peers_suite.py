@@ -22,6 +22,7 @@ suite; :func:`format_peers` prints its tables.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,36 +134,58 @@ def _ours_command(model: str, backend: str, threads: int, inputs: Sequence[str],
             "--backend", backend, "--threads", str(threads), "--overwrite", "--quiet"]
 
 
-def _run_timed(command: Sequence[str], env: dict[str, str] | None) -> float:
+@dataclass(frozen=True)
+class WholeRun:
+    """One contender's command line, its environment, the folder it writes and the images it must leave there."""
+
+    command: tuple[str, ...]
+    env: dict[str, str]
+    out: str
+    expect: int
+
+
+def _run_timed(run: WholeRun) -> float:
+    """Seconds for one run into an emptied folder, checked to have written every image.
+
+    Emptied first because ``rembg p`` skips inputs whose output exists, and checked
+    after because it prints a failed image's error and goes on (status 0).
+    """
+    shutil.rmtree(run.out, ignore_errors=True)
+    os.makedirs(run.out)
     start = time.perf_counter()
-    done = subprocess.run(list(command), env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(list(run.command), env=run.env, capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
+    written = sum(f.endswith(".png") for _, _, files in os.walk(run.out) for f in files)
+    if done.returncode != 0 or written < run.expect:
         tail = " ".join((done.stderr or done.stdout).split())[-500:]
-        raise RuntimeError(f"{' '.join(command[:3])} failed with status {done.returncode}: {tail}")
+        raise RuntimeError(f"{' '.join(run.command[:3])}: status {done.returncode}, {written} of {run.expect} "
+                           f"images written: {tail}")
     return seconds
 
 
 def _whole_process_contenders(model: str, rembg: pr.Rembg | None, s: PeersSettings, backends: Sequence[str],
-                              rembg_args: Callable[[str], list[str]], ours_inputs: Sequence[str],
-                              out: str) -> dict[str, tuple[list[str], dict | None]]:
+                              rembg_args: Callable[[str, str], list[str]], ours_inputs: Sequence[str], tmp: str,
+                              expect: int) -> dict[str, WholeRun]:
+    """``rembg_args(model, out_folder)``: rembg's arguments writing into ``out_folder``."""
     ours_env = dict(os.environ, OMP_NUM_THREADS=str(s.threads))
-    contenders: dict[str, tuple[list[str], dict | None]] = {}
+    contenders: dict[str, WholeRun] = {}
     for m in (_rembg_models(rembg, s) if rembg else ()):
-        contenders[f"rembg {m}"] = ([rembg.executable, *rembg_args(m)], rembg.env(s.threads))
+        out = os.path.join(tmp, f"rembg_{m}")
+        contenders[f"rembg {m}"] = WholeRun((rembg.executable, *rembg_args(m, out)), rembg.env(s.threads), out, expect)
     for b in backends:
-        contenders[f"ours {b}"] = (_ours_command(model, b, s.threads, ours_inputs, os.path.join(out, b)), ours_env)
+        out = os.path.join(tmp, f"ours_{b}")
+        contenders[f"ours {b}"] = WholeRun(tuple(_ours_command(model, b, s.threads, ours_inputs, out)), ours_env, out,
+                                           expect)
     return contenders
 
 
-def _timed_rounds(contenders: dict[str, tuple[list[str], dict | None]], rounds: int, what: str,
-                  log: Log) -> dict[str, list[float]]:
+def _timed_rounds(contenders: dict[str, WholeRun], rounds: int, what: str, log: Log) -> dict[str, list[float]]:
     seconds: dict[str, list[float]] = {n: [] for n in contenders}
     for name in contenders:  # caches warm (files, numba's compiled kernels, the compile cache), off the clock
-        _run_timed(*contenders[name])
+        _run_timed(contenders[name])
     for r in range(rounds):
         for name in _rotated(list(contenders), r):
-            seconds[name].append(_run_timed(*contenders[name]))
+            seconds[name].append(_run_timed(contenders[name]))
             log(f"  {what} round {r + 1}/{rounds} {name}: {seconds[name][-1]:.2f} s")
     return seconds
 
@@ -171,7 +194,8 @@ def part_photo(model: str, image: str, rembg: pr.Rembg | None, s: PeersSettings,
     backends, skipped = _available_backends(s.backends)
     with tempfile.TemporaryDirectory() as tmp:
         contenders = _whole_process_contenders(
-            model, rembg, s, backends, lambda m: ["i", "-m", m, image, os.path.join(tmp, f"{m}.png")], [image], tmp)
+            model, rembg, s, backends, lambda m, out: ["i", "-m", m, image, os.path.join(out, "photo.png")], [image],
+            tmp, 1)
         seconds = _timed_rounds(contenders, s.rounds, "photo", log)
     return {"seconds": seconds, "median_s": {n: _median(v) for n, v in seconds.items()}, "skipped": skipped}
 
@@ -196,7 +220,7 @@ def part_folder(model: str, image: str, rembg: pr.Rembg | None, s: PeersSettings
         src = os.path.join(tmp, "in")
         _write_folder(image, src, s.folder_count)
         contenders = _whole_process_contenders(
-            model, rembg, s, backends, lambda m: ["p", "-m", m, src, os.path.join(tmp, m)], [src], tmp)
+            model, rembg, s, backends, lambda m, out: ["p", "-m", m, src, out], [src], tmp, s.folder_count)
         seconds = _timed_rounds(contenders, s.rounds, "folder", log)
     rates = {n: s.folder_count / _median(v) for n, v in seconds.items()}
     return {"count": s.folder_count, "seconds": seconds, "images_per_s": rates, "skipped": skipped}
