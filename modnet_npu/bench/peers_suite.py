@@ -349,7 +349,21 @@ def _find_rembg(executable: str | None, home: str | None, log: Log) -> tuple[pr.
 def _machine() -> dict:
     from modnet_npu.proof.timing import idle_cpus, usable_cpus
 
-    return {"cpus": usable_cpus(), "idle_cpus_at_start": idle_cpus(), "load_average": os.getloadavg()}
+    return {"cpu": _cpu_name(), "cpus": usable_cpus(), "idle_cpus_at_start": idle_cpus(),
+            "load_average": os.getloadavg()}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and the instruction sets that decide OpenVINO's defaults (bf16, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_fp16", "avx512_fp16") if f in flags]
+    return f"{name} ({', '.join(wanted)})"
 
 
 def run_peers(model: str, image: str = DEFAULT_IMAGE, *, settings: PeersSettings = PeersSettings(),
