@@ -122,8 +122,8 @@ def test_info_reports_engine_model_and_limits(client, flavour_files):
     assert 50 < bound["base"] < 4000  # this process after warm-up, measured
     assert info["connections"]["open"] >= 1 and info["connections"]["refused"] == 0
     assert info["batching"]["max_batch"] == 8 and info["batching"]["window_ms"] == 5.0
-    assert {"model", "a", "af", "ab", "ae", "ppm", "extras"} <= set(info["rembg"]["ignored_parameters"])
-    assert set(info["rembg"]["honoured"]) == {"om", "bgc"}
+    assert {"model", "a", "af", "ab", "ae", "ppm", "vm", "extras"} <= set(info["rembg"]["ignored_parameters"])
+    assert set(info["rembg"]["honoured"]) == {"om", "bgc", "dc"}
     assert isinstance(info["requests_served"], int) and isinstance(info["forward_passes"], int)
 
 

@@ -31,7 +31,8 @@ from torch import nn
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.acceleration import FastPathStats, make_runner
-from modnet_npu.runtime.options import BACKEND_CHOICES, BACKENDS, EngineOptions, check_ort, choose_engine  # noqa: F401
+from modnet_npu.runtime.options import (BACKEND_CHOICES, BACKENDS, EngineOptions, check_cpu_only,  # noqa: F401
+                                        check_ort, choose_engine)
 from modnet_npu.runtime.process_setup import effective_threads
 from modnet_npu.matting.imaging import Size
 from modnet_npu.model.precision import check as check_precision
@@ -55,15 +56,16 @@ def default_threads(threads: int) -> int:
 
 
 def check_model(path: str) -> None:
-    """The model check of every path, local, Ray and service alike: the file converts to MODNet.
+    """The model check of every path, local, Ray and service alike (``graph.contract.check_model``):
+    torch-free, so the ONNX Runtime and OpenVINO paths start without building a PyTorch model.
 
     A truncated, random or non-MODNet file ends in one line (``ModnetError``)
     before any engine reads it: never ONNX Runtime's tracebacks, never a
     foreign network run as if it were MODNet.
     """
-    from modnet_npu.conversion.convert import convert
+    from modnet_npu.graph.contract import check_model as check
 
-    convert(path)
+    check(path)
 
 
 # --------------------------------------------------------------------------
@@ -124,7 +126,7 @@ class OrtEngine:
     fast_path = "onnxruntime"
 
     def __init__(self, onnx_path: str, *, threads: int = 0, validate: bool = True) -> None:
-        if validate:  # the checks and one-line errors of the PyTorch side, which converts the file anyway
+        if validate:  # the one model check (graph/contract.py: torch-free, the same on every path)
             check_model(onnx_path)
         self.session = ort_session(onnx_path, threads)
         inp = self.session.get_inputs()[0]
@@ -271,6 +273,11 @@ def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOpt
     if backend == "ort":
         check_ort(options.device, options.precision)
         return OrtEngine(onnx_path, threads=options.threads, validate=validate)
+    if backend == "openvino":  # modnet_npu/runtime/openvino_engine.py (optional package, imported there)
+        check_cpu_only(backend, options.device)
+        from modnet_npu.runtime.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(onnx_path, threads=options.threads, precision=check_precision(options.precision))
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from modnet_npu.conversion.convert import build_torch_model_from_onnx

@@ -28,7 +28,7 @@ from modnet_npu.model.contract import MAX_MODEL_SIDE, SIZE_MULTIPLE
 from modnet_npu.model.precision import PRECISIONS
 from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR
 
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "openvino")  # openvino: optional (requirements-bench.txt), CPU only
 BACKEND_CHOICES = ("auto", *BACKENDS)
 DEVICE_KINDS = ("auto", "cpu", "mps", "npu", "cuda")
 INDEXED_KINDS = ("npu", "cuda")  # the kinds with several devices per machine
@@ -57,17 +57,22 @@ def parse_device(spec: str) -> DeviceSpec:
     return DeviceSpec(m.group(1), None if m.group(2) is None else int(m.group(2)))
 
 
+def check_cpu_only(backend: str, device: str) -> None:
+    """UsageError unless ``device`` is one a CPU-only backend (ort, openvino) can run on."""
+    if parse_device(device).kind not in ("auto", "cpu"):
+        raise UsageError(f"the {backend} backend runs on the CPU; --device {device} needs --backend torch")
+
+
 def check_ort(device: str, precision: str) -> None:
     """UsageError unless ONNX Runtime can run with ``device`` and ``precision`` (the CPU, the file's fp32)."""
-    if parse_device(device).kind not in ("auto", "cpu"):
-        raise UsageError(f"the ort backend runs on the CPU; --device {device} needs --backend torch")
+    check_cpu_only("ort", device)
     if precision != "fp32":
         raise UsageError(f"the ort backend runs the file as it is; --precision {precision} needs --backend torch")
 
 
 @dataclass(frozen=True)
 class EngineChoice:
-    backend: str  # "torch" or "ort"
+    backend: str  # "torch", "ort" or "openvino"
     device: DeviceSpec  # kind "auto" only where the backend is torch and no accelerator was looked for
     why: str
 
@@ -96,6 +101,9 @@ def choose_engine(backend: str, device: str, precision: str, *,
             backend, why, spec = "torch", found, DeviceSpec(kind)
     if backend == "ort":
         check_ort(device, precision)
+    if backend == "openvino":
+        check_cpu_only(backend, device)
+    if backend in ("ort", "openvino"):
         spec = DeviceSpec("cpu")
     return EngineChoice(backend, spec, why)
 
@@ -166,6 +174,8 @@ class EngineOptions:
         parse_device(self.device)
         if self.backend == "ort":
             check_ort(self.device, self.precision)
+        if self.backend == "openvino":
+            check_cpu_only(self.backend, self.device)
         if not str(self.model).strip():
             raise UsageError("--model must not be empty")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:

@@ -40,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from modnet_npu.matting import foreground
 from modnet_npu.matting.matter import Matter
 from modnet_npu.service.admission import Inferred, Slot
 from modnet_npu.service.codec import check_output, decode_image, parse_multipart, probe_image, render_bytes
@@ -232,6 +233,8 @@ async def _produce(service: Service, matter: Matter, inp: RequestInput, params: 
     pixels wait their turn in the budget (:meth:`Admission.reserve`).
     """
     settings = service.settings
+    if params.decontaminate and not foreground.available():
+        raise ApiError(501, f"dc needs pymatting on the server: {foreground.INSTALL_HINT}")
     data, inp.image = inp.image, None  # the request's buffer goes once decoded: only ``data`` holds it now
     assert data is not None
     width, height = await service.on_io(probe_image, data, settings.max_pixels, "image")

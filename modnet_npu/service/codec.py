@@ -13,6 +13,7 @@ from modnet_npu.matting.imaging import ImageReadError, cutout, load_image
 from modnet_npu.matting.matter import render
 from modnet_npu.service.limits import ApiError
 from modnet_npu.matting import codec as matting_codec
+from modnet_npu.matting import foreground
 from modnet_npu.service.params import MatteParams
 
 WEBP_MAX_SIDE = 16383  # libwebp's limit
@@ -60,13 +61,14 @@ def check_output(fmt: str, width: int, height: int) -> None:
 
 
 def over_colour(rgb: np.ndarray, alpha: np.ndarray, rgba: tuple[int, ...], rows: int = 256) -> np.ndarray:
-    """The cutout laid over a colour with its own opacity (rembg's ``bgc``); RGB when opaque.
+    """The cutout laid over a colour with its own opacity (rembg's ``bgc``); RGBA, as rembg answers.
 
     Blended ``rows`` at a time: the float temporaries stay a band's size, not the image's.
     """
     if rgba[3] == 255:
         background = np.broadcast_to(np.array(rgba[:3], np.uint8), rgb.shape)
-        return render("composite", rgb, alpha, np.ascontiguousarray(background))
+        opaque = render("composite", rgb, alpha, np.ascontiguousarray(background))
+        return np.concatenate([opaque, np.full((*opaque.shape[:2], 1), 255, np.uint8)], axis=2)
     if rgba[3] == 0:
         return cutout(rgb, alpha)
     b = np.float32(rgba[3] / 255.0)
@@ -85,6 +87,8 @@ def over_colour(rgb: np.ndarray, alpha: np.ndarray, rgba: tuple[int, ...], rows:
 def render_bytes(params: MatteParams, rgb: np.ndarray, alpha: np.ndarray,
                  background_image: np.ndarray | None) -> tuple[bytes, str]:
     """The encoded result and its content type."""
+    if params.decontaminate:
+        rgb = foreground.decontaminate(params.mode, rgb, alpha)
     if params.mode == "composite" and isinstance(params.background, tuple) and len(params.background) == 4:
         array = over_colour(rgb, alpha, params.background)
     else:

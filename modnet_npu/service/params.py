@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from modnet_npu.matting.codec import CONTENT_TYPES  # the one encoder's formats
 from modnet_npu.matting.imaging import SizeSpec, parse_color, parse_size_spec
 from modnet_npu.matting.matter import MODES
+from modnet_npu.service import rembg_compat
 from modnet_npu.service.limits import MAX_VALUE_CHARS, shown
 
-MATTE_FIELDS = ("mode", "background", "size", "format", "url")
-# rembg's server parameters that choose among its own models or tune its own
-# post-processing: meaningless for MODNet, accepted so that existing clients work
-REMBG_IGNORED = ("model", "a", "af", "ab", "ae", "ppm", "extras")
-REMBG_HONOURED = {"om": "true: the matte only (mode=matte)",
-                  "bgc": "r,g,b[,a]: the cutout over this colour (alpha 255: opaque, as mode=composite)"}
-FORM_FIELDS = {*MATTE_FIELDS, *REMBG_IGNORED, "om", "bgc"}
+MATTE_FIELDS = ("mode", "background", "size", "format", "url", "dc")
+# rembg's server parameters (validated as rembg does: rembg_compat); those that choose among its own
+# models or tune its own post-processing are meaningless for MODNet, accepted so that existing clients work
+REMBG_IGNORED = rembg_compat.IGNORED
+REMBG_HONOURED = rembg_compat.HONOURED
+FORM_FIELDS = {*MATTE_FIELDS, *rembg_compat.FIELDS}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 MAX_SPEC_CHARS = 256  # any parameter but url (and rembg's ignored extras): a mode, a colour, a size is a few characters
 
@@ -29,6 +29,7 @@ class MatteParams:
     background: str | tuple[int, ...] = "white"  # "blur", (r, g, b), or (r, g, b, a) from rembg's bgc
     size: SizeSpec | None = None  # None: the server's --size
     format: str = "png"
+    decontaminate: bool = False  # dc: the foreground's own colour at soft edges (matting/foreground.py)
 
 
 def check_lengths(fields: dict[str, str]) -> None:
@@ -59,7 +60,7 @@ def parse_matte_params(fields: dict[str, str]) -> MatteParams:
         # parsed to numbers here: a string reaching make_background could name a file on the server
         background = parse_color(background)
     size = parse_size_spec(fields["size"]) if fields.get("size", "").strip() else None
-    return MatteParams(mode, background, size, fmt)
+    return MatteParams(mode, background, size, fmt, _flag("dc", fields.get("dc", "false")))
 
 
 def _flag(name: str, text: str) -> bool:
@@ -72,18 +73,11 @@ def _flag(name: str, text: str) -> bool:
 
 
 def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
-    """rembg's parameters: ``om`` (matte only), ``bgc`` (r,g,b[,a]); its model-specific ones ignored."""
+    """rembg's parameters, validated as rembg validates them (``rembg_compat``); ``om``, ``bgc`` and ``dc`` honoured."""
     check_lengths(fields)
-    if _flag("om", fields.get("om", "false")):
+    req = rembg_compat.parse(fields)
+    if req.only_mask:
         return MatteParams(mode="matte")
-    bgc = fields.get("bgc", "").strip()
-    if not bgc:
-        return MatteParams(mode="cutout")
-    try:
-        rgba = tuple(int(v) for v in bgc.split(","))
-    except ValueError:
-        rgba = ()
-    if len(rgba) not in (3, 4) or not all(0 <= v <= 255 for v in rgba):
-        raise ValueError(f"bgc={shown(bgc)} is not r,g,b or r,g,b,a with values 0..255")
-    return MatteParams(mode="composite", background=rgba if len(rgba) == 4 else (*rgba, 255))
-
+    if req.bgc is None:
+        return MatteParams(mode="cutout", decontaminate=req.decontaminate)
+    return MatteParams(mode="composite", background=req.bgc, decontaminate=req.decontaminate)

@@ -1,0 +1,106 @@
+"""Is this ONNX file a matting model MODNet's engines can run? Checked without torch.
+
+The ONNX Runtime and OpenVINO engines run the file itself; what they need is
+MODNet's contract: one image input ``(N, 3, h, w)`` of floats and one matte
+output ``(N, 1, h, w)``, computed by convolutions. This check reads the file
+with the project's safe reader (external data checked before it is read,
+:func:`modnet_npu.graph.weights.load_onnx`) and looks at the declared inputs,
+outputs and operators — no PyTorch model is built, so the runtime paths start
+without importing torch. The PyTorch path converts the file, which checks far
+more (every layer matched to MODNet's).
+
+Failures raise :class:`NotAMattingModel` (one line, naming what differs), or
+``OnnxReadError`` for a file that is not readable ONNX at all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+
+from modnet_npu.errors import ModnetError
+from modnet_npu.graph.weights import OnnxReadError, load_onnx  # noqa: F401  (OnnxReadError: callers catch it)
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+class NotAMattingModel(ModnetError, ValueError):
+    """A readable ONNX file whose inputs, outputs or operators are not MODNet's contract."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The file's image input and matte output as declared (ints, or None where dynamic)."""
+
+    path: str
+    input_name: str
+    input_shape: tuple[int | None, ...]
+    output_shape: tuple[int | None, ...]
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        h, w = self.input_shape[2], self.input_shape[3]
+        return (h, w) if h is not None and w is not None else None
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None  # rank not declared
+    return tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tensor.shape.dim)
+
+
+def check_matting_file(path: str | os.PathLike[str]) -> Contract:
+    """The file's contract, once it is one MODNet's engines can run; NotAMattingModel naming what differs."""
+    path = os.fspath(path)
+    model = load_onnx(path)
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in weights]  # old exporters list weights as inputs too
+    where = f"{path}: not a MODNet graph"
+    if len(inputs) != 1:
+        raise NotAMattingModel(f"{where}: expected one image input, found {len(inputs)}")
+    if len(graph.output) != 1:
+        raise NotAMattingModel(f"{where}: expected one output, found {len(graph.output)}")
+    inp, out = inputs[0], graph.output[0]
+    for what, value, channels in (("input", inp, 3), ("output", out, 1)):
+        dims = _dims(value)
+        if value.type.tensor_type.elem_type not in FLOAT_TYPES:
+            raise NotAMattingModel(f"{where}: the {what} {value.name!r} is not a float tensor")
+        if dims is not None and (len(dims) != 4 or dims[1] not in (channels, None)):
+            raise NotAMattingModel(f"{where}: the {what} {value.name!r} has shape {list(dims)}, "
+                                   f"expected (N, {channels}, h, w)")
+    if not any(node.op_type == "Conv" for node in graph.node):
+        raise NotAMattingModel(f"{where}: no convolutions")
+    in_dims = _dims(inp) or (None, 3, None, None)
+    out_dims = _dims(out) or (None, 1, None, None)
+    return Contract(path, inp.name, in_dims, out_dims)
+
+
+# MODNet's weight-carrying layers as the converter finds them in any export: 69 convolutions
+# (backbone 52, low-res 1 + SE-free heads, high-res and fusion branches) and the SE block's 2 linears.
+MODNET_CONVOLUTIONS = 69
+MODNET_LINEARS = 2
+
+
+def check_model(path: str | os.PathLike[str]) -> Contract:
+    """The one model check of every path (local, Ray, service; every backend), without torch.
+
+    The contract above, then the converter's ONNX side (``conversion.onnx_units``: units
+    found by following edges, whatever the exporter) must find MODNet's layers: a foreign
+    network with the right input and output is refused here, not run as if it were MODNet.
+    The PyTorch backend then converts the file, which also matches every layer's shape.
+    """
+    from modnet_npu.conversion.labels import ConvLabel, LinearLabel
+    from modnet_npu.conversion.onnx_units import analyse_onnx
+    from modnet_npu.graph.weights import read_weights
+
+    contract = check_matting_file(path)
+    units = analyse_onnx(read_weights(path)).units
+    convs = sum(isinstance(u.label, ConvLabel) for u in units)
+    linears = sum(isinstance(u.label, LinearLabel) for u in units)
+    if (convs, linears) != (MODNET_CONVOLUTIONS, MODNET_LINEARS):
+        raise NotAMattingModel(f"{os.fspath(path)}: not a MODNet graph: {convs} convolutions and {linears} linear "
+                               f"layers, MODNet has {MODNET_CONVOLUTIONS} and {MODNET_LINEARS}")
+    return contract

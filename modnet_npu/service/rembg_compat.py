@@ -1,0 +1,105 @@
+"""rembg's ``/api/remove`` parameters, validated the way rembg 2.0.86's server validates them.
+
+Checked against rembg itself (``tests/test_rembg_compat.py`` sends the same
+requests to ``rembg s`` and to ``serve.py``). rembg declares its parameters
+with FastAPI (``rembg/commands/s_command.py``), so pydantic decides what is
+accepted:
+
+* booleans ``a``, ``om``, ``ppm``, ``dc``, ``vm``: ``1 on t true y yes`` /
+  ``0 off f false n no``, any case; anything else is a 422;
+* ``af``, ``ab``: whole numbers 0..255; ``ae``: a whole number >= 0 (``240.0``
+  and surrounding spaces pass, as in pydantic's lax mode); else 422;
+* ``model``: must contain one of rembg's session names (its pattern is
+  searched, not matched, and is case-sensitive); else 422;
+* an empty form value means "not sent" (FastAPI's rule for forms);
+* ``bgc``: comma-separated integers, 3 or 4 of them; rembg hands them to
+  Pillow, which clips each to 0..255, and always answers RGBA (alpha 255
+  when three are given). Where rembg crashes (500: ``bgc=abc``, two or five
+  numbers) this layer answers 422 naming the parameter instead.
+
+What MODNet honours: ``om`` (the matte alone), ``bgc`` (the cutout over a
+colour) and ``dc`` (the foreground's colour estimated at soft edges, see
+``modnet_npu/matting/foreground.py``). The rest choose among rembg's own models
+or tune its post-processing; they are validated, then have no effect.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# rembg 2.0.86's session names (rembg.sessions.sessions_names), the pattern its server checks `model` against
+REMBG_MODELS = ("birefnet-general", "birefnet-general-lite", "birefnet-general-fp16", "birefnet-portrait",
+                "birefnet-dis", "birefnet-hrsod", "birefnet-cod", "birefnet-massive", "isnet-anime", "dis_custom",
+                "isnet-general-use", "sam", "silueta", "u2net_cloth_seg", "u2net_custom", "u2net_human_seg", "u2net",
+                "u2netp", "bria-rmbg", "ben_custom", "withoutbg", "atlascloud")
+_MODEL_PATTERN = re.compile("(" + "|".join(map(re.escape, REMBG_MODELS)) + ")")
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+BOOLEANS = ("a", "om", "ppm", "dc", "vm")
+INTEGERS = {"af": (0, 255), "ab": (0, 255), "ae": (0, None)}
+HONOURED = {"om": "true: the matte only (mode=matte)",
+            "bgc": "r,g,b[,a]: the cutout over this colour, RGBA as rembg answers (values clipped to 0..255)",
+            "dc": "true: the foreground's own colour at soft edges, no background spill (needs pymatting)"}
+IGNORED = ("model", "a", "af", "ab", "ae", "ppm", "vm", "extras")
+FIELDS = (*HONOURED, *IGNORED)
+
+
+@dataclass(frozen=True)
+class RembgRequest:
+    """What a rembg request asks of MODNet: the matte only, a background colour (RGBA), decontaminated colours."""
+
+    only_mask: bool = False
+    bgc: tuple[int, int, int, int] | None = None
+    decontaminate: bool = False
+
+
+def _bool(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={text!r} is not true or false")
+
+
+def _int(name: str, text: str, low: int, high: int | None) -> int:
+    value: int | None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        try:
+            number = float(text.strip())
+            value = int(number) if number.is_integer() else None
+        except (ValueError, OverflowError):
+            value = None
+    if value is None:
+        raise ValueError(f"{name}={text!r} is not a whole number")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={text!r} is out of range {low}..{'' if high is None else high}")
+    return value
+
+
+def _bgc(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (3, 4):
+        raise ValueError(f"bgc={text!r} is not r,g,b or r,g,b,a (whole numbers)")
+    clipped = tuple(min(255, max(0, v)) for v in values)
+    return clipped if len(clipped) == 4 else (*clipped, 255)  # type: ignore[return-value]
+
+
+def parse(fields: dict[str, str]) -> RembgRequest:
+    """rembg's parameters from the request's fields; ValueError (a 422) naming the first bad one."""
+    given = {k: v for k, v in fields.items() if v.strip() != ""}  # an empty form value: not sent
+    model = given.get("model")
+    if model is not None and not _MODEL_PATTERN.search(model):
+        raise ValueError(f"model={model!r} is not one of rembg's models ({', '.join(REMBG_MODELS)}); "
+                         "MODNet answers for any of them")
+    flags = {name: _bool(name, given[name]) for name in BOOLEANS if name in given}
+    for name, (low, high) in INTEGERS.items():
+        if name in given:
+            _int(name, given[name], low, high)
+    bgc = _bgc(given["bgc"]) if "bgc" in given else None
+    return RembgRequest(only_mask=flags.get("om", False), bgc=bgc, decontaminate=flags.get("dc", False))
