@@ -22,7 +22,8 @@ from dataclasses import replace
 from typing import Sequence
 
 from modnet_npu.cli import Parser, report
-from modnet_npu.errors import UsageError
+from modnet_npu.errors import ModnetError, UsageError
+from modnet_npu.source.resolve import check_local
 from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
 
 
@@ -180,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # numbers out of range end here, before anything is imported
     try:
         opts = engine_options_from(args)  # every engine option checked before the port is taken
+        check_local(opts.model)  # a missing local model file is one line, before the port is taken
         sock = _bind(args.host, args.port)  # a port in use is reported before the slow start
-    except (UsageError, OSError) as exc:
+    except (ModnetError, OSError) as exc:
         return report(exc)
     try:
         return _start(args, opts, sock)

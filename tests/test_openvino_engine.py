@@ -123,9 +123,11 @@ def test_open_engine_builds_it_on_the_cpu_only(webnn_file):
     from modnet_npu.runtime.engines import BACKEND_CHOICES, open_engine
 
     assert "openvino" in BACKEND_CHOICES
-    assert open_engine("openvino", webnn_file, threads=1).name == "openvino"
+    from modnet_npu.runtime.options import EngineOptions
+
+    assert open_engine("openvino", webnn_file, EngineOptions(threads=1)).name == "openvino"
     with pytest.raises(ValueError, match="runs on the CPU"):
-        open_engine("openvino", webnn_file, device="cuda")
+        open_engine("openvino", webnn_file, EngineOptions(device="cuda"))
 
 
 def test_the_openvino_path_imports_no_torch(flavour_files):

@@ -275,6 +275,23 @@ def _not_a_file(path: str) -> str:
     return "not a regular file"
 
 
+def is_local(spec: str) -> bool:
+    """Whether ``spec`` names a file here (not an http(s) URL, not a model id)."""
+    if spec.startswith(("http://", "https://")):
+        return False
+    return os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec)
+
+
+def check_local(spec: str) -> bool:
+    """True for a local model file; ModelNotFoundError for a local spec that is not a regular file;
+    False for a URL or model id. Cheap and offline: tools call it before any slow start."""
+    if not is_local(spec):
+        return False
+    if not os.path.isfile(spec):
+        raise ModelNotFoundError(f"{spec}: {_not_a_file(spec)}")
+    return True
+
+
 def resolve_model(
     spec: str = DEFAULT_MODEL_ID,
     models_dir: str = DEFAULT_MODELS_DIR,
@@ -294,9 +311,7 @@ def resolve_model(
     if spec.startswith(("http://", "https://")):
         clean_models_dir(models_dir, log)
         return _resolve_url(spec, models_dir, sha256, offline, fetch, log)
-    if os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec):
-        if not os.path.isfile(spec):
-            raise ModelNotFoundError(f"{spec}: {_not_a_file(spec)}")
+    if check_local(spec):
         return ModelSource("local", os.path.abspath(spec), _check_sha(spec, sha256, spec))
     if not _MODEL_ID_RE.match(spec):
         raise ModelNotFoundError(f"{spec!r} is neither a file, an http(s) URL nor a model id like {DEFAULT_MODEL_ID}")
