@@ -494,11 +494,9 @@ class Service:
             matter.close()
 
     def _warm_up(self, matter: Matter) -> None:
-        """First forwards (one image, then two) at the size a typical upload gets, off the request path."""
-        size = matter.model_size(*_WARMUP_IMAGE)
-        gray = np.full((*_WARMUP_IMAGE, 3), 128, np.uint8)
-        for n in sorted({1, min(2, self.settings.max_batch)}):
-            matter.infer_batch([gray] * n, size)
+        """Off the request path: the batch sizes up to --max-batch compiled or captured at the size a typical
+        upload gets (a per-shape fast path), else the first forwards (``Matter.warm_up``)."""
+        matter.warm_up([matter.model_size(*_WARMUP_IMAGE)], max_batch=self.settings.max_batch)
 
     def _ready(self, matter: Matter) -> None:
         self.matter = matter
