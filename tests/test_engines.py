@@ -237,3 +237,24 @@ def test_warm_up_without_a_per_shape_fast_path_runs_the_first_forwards():
     assert engine.description == "PyTorch on cpu (fp32; eager)"
     engine.infer(np.zeros((3, 3, 8, 8), np.float32))
     assert model.shapes[-1] == (3, 3, 8, 8)  # no padding where any shape costs the same
+
+
+def test_matter_warm_up_on_onnx_runtime_runs_the_first_forwards(webnn_file):
+    from modnet_npu.matting.matter import Matter
+
+    with Matter(model=webnn_file, backend="ort", threads=1) as matter:
+        seen = []
+        infer = matter.engine.infer
+        matter.engine.infer = lambda x: seen.append(x.shape) or infer(x)
+        matter.warm_up(max_batch=8)
+    assert seen == [(1, 3, 256, 256), (2, 3, 256, 256)]  # the file's fixed size, one image then two
+
+
+def test_compiled_packages_go_to_the_models_dir_asked_for(webnn_file, tmp_path):
+    """--models-dir's .compile-cache, as --help says (it was always models/.compile-cache)."""
+    from modnet_npu.runtime.options import EngineOptions
+
+    options = EngineOptions(model=webnn_file, backend="torch", device="cpu", compile=True, models_dir=str(tmp_path))
+    engine = engines.open_engine("torch", webnn_file, options)  # nothing is compiled before a shape is prepared
+    assert engine.runner.compiled.cache_dir == str(tmp_path / ".compile-cache")
+    assert (tmp_path / ".compile-cache").is_dir() and engine.batch_sizes == (1, 2, 4, 8)

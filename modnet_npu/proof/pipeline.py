@@ -208,7 +208,8 @@ def step_device(opts: Options, converted: Converted, size: Size, say: _Steps) ->
     model = converted.conversion.model if e.model_form == "faithful" else optimize(converted.conversion.model)
     operators = _operator_counts(converted.conversion, model, e.model_form, size)
     engine = TorchEngine(model, device, precision=e.precision, strict_fp32=True, compile=e.compile,
-                         graphs=e.graphs, threads=e.threads, log=say.detail)
+                         graphs=e.graphs, threads=e.threads, log=say.detail,
+                         cache_dir=os.path.join(e.models_dir, ".compile-cache"))
     say.detail(f"model form {e.model_form} ({operators[e.model_form]['kernels']} kernel launches per "
                f"forward); fast path: {engine.fast_path}")
     return DeviceSetup(device, env, engine, operators)

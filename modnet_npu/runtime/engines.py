@@ -19,6 +19,7 @@ Each has a ``description`` (the engine in words, for a user) and a ``fast_path``
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import replace
@@ -30,8 +31,8 @@ from torch import nn
 
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
-from modnet_npu.runtime.acceleration import (BATCH_SIZES, FastPathStats, GraphFactory, batch_set, make_runner,
-                                             memory_now)
+from modnet_npu.runtime.acceleration import (BATCH_SIZES, DEFAULT_COMPILE_CACHE, FastPathStats, GraphFactory,
+                                             batch_set, make_runner, memory_now)
 from modnet_npu.runtime.options import BACKEND_CHOICES, BACKENDS, EngineOptions, check_ort, choose_engine  # noqa: F401
 from modnet_npu.runtime.process_setup import effective_threads
 from modnet_npu.matting.imaging import Size
@@ -173,7 +174,8 @@ class TorchEngine:
     convolutions in HF32 and CUDA in TF32 (their defaults; fine for matting).
     Process-wide CPU settings (threads, allocator) are the entry point's job
     (``process_setup.setup_process``), not the engine's. ``capture``: how to
-    capture graphs where the device has none of its own (a stand-in for tests).
+    capture graphs where the device has none of its own (a stand-in for tests);
+    ``cache_dir``: where compiled packages are kept.
 
     With a fast path made per input shape (compiled, graph capture) the engine
     sees a handful of shapes: batches are padded up to :attr:`batch_sizes`
@@ -186,7 +188,8 @@ class TorchEngine:
 
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32",
                  strict_fp32: bool = False, compile: bool = False, graphs: str = "auto", threads: int = 0,
-                 log: Callable[[str], None] = lambda m: None, capture: GraphFactory | None = None) -> None:
+                 log: Callable[[str], None] = lambda m: None, capture: GraphFactory | None = None,
+                 cache_dir: str = DEFAULT_COMPILE_CACHE) -> None:
         from modnet_npu.model.optimized import with_precision
 
         self.device = device
@@ -200,7 +203,7 @@ class TorchEngine:
         # the weights' copy initialised the device: CANN has applied (or refused) the options by now
         self.settings = replace(activated, in_force=devices.read_back(device))
         self.runner = make_runner(self.model, device, compile=compile, graphs=graphs,
-                                  threads=default_threads(threads), log=log, capture=capture)
+                                  threads=default_threads(threads), cache_dir=cache_dir, log=log, capture=capture)
         self.batch_sizes = BATCH_SIZES if self.runner.fixed_shapes else ()
         self.runner.batch_sizes = self.batch_sizes
         self.warm_sizes: tuple[tuple[int, int], ...] = ()
@@ -365,4 +368,5 @@ def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOpt
     # on the CPU: TorchEngine readies the device first
     model = build_torch_model_from_onnx(onnx_path, optimize=options.model_form == "optimized")
     return TorchEngine(model, target, precision=options.precision, strict_fp32=options.strict_fp32,
-                       compile=options.compile, graphs=options.graphs, threads=options.threads, log=log)
+                       compile=options.compile, graphs=options.graphs, threads=options.threads, log=log,
+                       cache_dir=os.path.join(options.models_dir, ".compile-cache"))  # --models-dir's, as --help says
