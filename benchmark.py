@@ -171,24 +171,39 @@ def _contenders(session, in_name: str, batch_dim, models: dict, x: np.ndarray, d
         engines["ort_cpu"] = lambda: session.run(None, {in_name: x})
     else:
         log(f"  batch {batch}: the ONNX file has a fixed batch {batch_dim}; ORT skipped")
-    fa, op = models["faithful"].to(device), models["optimized"].to(device)
+    fa, op = models["faithful"], models["optimized"]  # already on the device (suite_engines: on_device)
     engines["torch_faithful"] = lambda: fa(xt)
     engines["torch_optimized"] = lambda: op(xt)
     captured = None
     if device.type != "cpu" and graphs != "off":
         # auto: a failed capture runs eagerly and is counted, so the row can be dropped honestly
         captured = make_runner(op, device, graphs="auto", log=log)
+        captured.prepare(xt)  # captured now: the timed calls replay
         engines["torch_graphs"] = lambda: captured(xt)
     compile_s = None
     if compile:
         compiled = compile_model(op, device)
         start = time.perf_counter()
         with torch.inference_mode():
-            compiled(xt)
+            compiled.prepare(xt)  # compiled (or loaded) and run once, before the timing
         devices.synchronize(device)
         compile_s = time.perf_counter() - start
         engines["torch_compiled"] = lambda: compiled(xt)
     return engines, compile_s, captured
+
+
+def on_device(models: dict, device) -> dict:
+    """Each model on ``device``: itself where it is there already, else a copy moved there.
+
+    ``Module.to`` moves a model in place: moving the caller's models would leave
+    them on the device, and the next size's operator count (a CPU input) failed.
+    """
+    import copy
+
+    def there(m) -> bool:
+        return all(t.device == device for t in (*m.parameters(), *m.buffers()))
+
+    return {name: m if there(m) else copy.deepcopy(m).to(device) for name, m in models.items()}
 
 
 def _drop_uncaptured(times: dict, captured, where: str, log) -> str | None:
@@ -235,7 +250,8 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
     faithful = convert(model).model  # first: checks the file (external data too) before ONNX Runtime reads it
     session = ort_session(model, threads)
     in_name, batch_dim = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-    models = {"faithful": faithful, "optimized": optimize(faithful)}
+    models = {"faithful": faithful, "optimized": optimize(faithful)}  # stay on the CPU: operators counted there
+    placed = on_device(models, device)
     rgb = load_image(image)
     results = []
     for size in sizes:
@@ -243,8 +259,8 @@ def suite_engines(model: str, image: str, sizes: Sequence[int], batches: Sequenc
         ops = {name: dict(zip(("total", "kernels"), count_ops(m, torch.from_numpy(x1))[:2], strict=True))
                for name, m in models.items()}
         for batch in batches:
-            engines, compile_s, captured = _contenders(session, in_name, batch_dim, models, np.repeat(x1, batch, axis=0),
-                                             device, graphs, compile, log)
+            engines, compile_s, captured = _contenders(session, in_name, batch_dim, placed,
+                                                       np.repeat(x1, batch, axis=0), device, graphs, compile, log)
             with torch.inference_mode(), NoiseProbe(threads) as probe:
                 times = interleaved(engines, runs=runs, warmup=warmup, sync=lambda: devices.synchronize(device))
             note = _drop_uncaptured(times, captured, f"{size}x{size} batch {batch}", log)

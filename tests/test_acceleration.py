@@ -3,6 +3,8 @@ torchair through the fake torch_npu (tests/fake_npu.py); real capture on CUDA wh
 from __future__ import annotations
 
 import copy
+import platform
+import types
 
 import pytest
 import torch
@@ -125,14 +127,24 @@ def test_compiled_package_is_cached_and_reused(tmp_path):
     with torch.inference_mode():
         out = first(x)
     assert first.compiled_now == 1 and float((out - ref).abs().max()) <= 1e-5
-    packages = list(tmp_path.glob("modnet-*-cpu-1x3x32x32-float32-*.pt2"))
+    packages = list(tmp_path.glob(f"modnet-*-cpu-1x3x32x32-float32-*-{fp.architecture(torch.device('cpu'))}.pt2"))
     assert len(packages) == 1
     # a new process would find the package: no second compilation
-    second = fp.compile_model(net, torch.device("cpu"), str(tmp_path))
+    logged = []
+    second = fp.compile_model(net, torch.device("cpu"), str(tmp_path), log=logged.append)
     with torch.inference_mode():
         again = second(x)
     assert second.compiled_now == 0 and second.from_cache == 1
     assert torch.allclose(again, out, atol=1e-6)
+    # sealed (after warm-up): a shape outside the set runs eagerly, logged once, never compiled
+    second.seal()
+    y = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.allclose(second(y), net(y), atol=1e-6)
+    assert second.compiled_now == 0 and len(list(tmp_path.glob("*.pt2"))) == 1
+    assert [m for m in logged if "outside the compiled shape set" in m] == [
+        "input 2x3x32x32 float32 is outside the compiled shape set: it runs eagerly"]
     # other weights, other package
     other = copy.deepcopy(net)
     with torch.no_grad():
@@ -165,6 +177,7 @@ def test_compile_without_a_cxx_compiler_is_one_clear_line(tmp_path):
             fp.compile_model(TwoConvs(), torch.device("cpu"), str(tmp_path))
     assert config.cpp.cxx != (None, "no-such-compiler-anywhere")  # put back
     assert "\n" not in str(err.value)
+    assert fp.cpp_compiler() is not None  # put back as it was
 
 
 def test_a_failed_compilation_is_one_line(monkeypatch, tmp_path):
@@ -178,6 +191,86 @@ def test_a_failed_compilation_is_one_line(monkeypatch, tmp_path):
     assert str(err.value) == ("--compile: compiling for input (1, 3, 32, 32) failed (RuntimeError: C++ compile "
                               "error); run without --compile")
     assert list(tmp_path.iterdir()) == []  # no half-written package left to be loaded next time
+
+
+def test_a_package_that_cannot_be_loaded_is_compiled_again_said_in_one_line(tmp_path):
+    """A cut-short or foreign package in the cache is not fatal: one line, then a fresh compilation."""
+    net, logged = TwoConvs().eval(), []
+    compiled = fp.compile_model(net, torch.device("cpu"), str(tmp_path), log=logged.append)
+    x = torch.randn(1, 3, 32, 32)
+    path = compiled.package_path(x)
+    with open(path, "wb") as fh:
+        fh.write(b"PK\x03\x04 not a package")
+    with torch.inference_mode():
+        out = compiled(x)
+        assert torch.allclose(out, net(x), atol=1e-5)
+    stale = [m for m in logged if m.startswith("compile cache:")]
+    assert len(stale) == 1 and "\n" not in stale[0] and "compiling 1x3x32x32 float32 again" in stale[0]
+    assert (compiled.stale, compiled.compiled_now, compiled.from_cache) == (1, 1, 0)
+
+
+def test_the_compile_cache_key_names_the_device_architecture(monkeypatch, tmp_path):
+    gpus = {0: ("NVIDIA H200", 9, 0), 1: ("NVIDIA A100-SXM4-80GB", 8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name=gpus[i][0], major=gpus[i][1], minor=gpus[i][2]))
+    assert fp.architecture(torch.device("cuda", 0)) == "sm90_NVIDIA_H200"
+    assert fp.architecture(torch.device("cuda", 1)) == "sm80_NVIDIA_A100_SXM4_80GB"
+    net, x = TwoConvs().eval(), torch.randn(1, 3, 32, 32)
+    h200, a100 = (fp.AotCompiled(net, torch.device("cuda", i), str(tmp_path)).package_path(x) for i in (0, 1))
+    assert h200 != a100 and h200.endswith("-sm90_NVIDIA_H200.pt2")  # an H200 package is never loaded on an A100
+    with FakeNpu(device_count=1, soc_name="Ascend910B4"):
+        assert fp.architecture(fake_device(0)) == "Ascend910B4"
+    assert fp.architecture(torch.device("cpu")).startswith(platform.machine())
+
+
+def test_compile_on_cuda_checks_the_toolkit_before_anything_is_built(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    cache = tmp_path / "cache"
+    with pytest.raises(fp.FastPathError, match=r"^--compile on CUDA needs the CUDA toolkit .*CUDA_HOME") as err:
+        fp.compile_model(TwoConvs(), torch.device("cuda", 0), str(cache))
+    assert "\n" not in str(err.value) and not cache.exists()
+    toolkit = tmp_path / "cuda"
+    (toolkit / "include").mkdir(parents=True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    with pytest.raises(fp.FastPathError, match="CUDA toolkit"):  # a folder without the runtime's headers
+        fp.check_toolchain(torch.device("cuda", 0))
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    fp.check_toolchain(torch.device("cuda", 0))
+    assert fp.cuda_toolkit() == str(toolkit)
+
+
+class Picky(TwoConvs):
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            raise ValueError(f"width {x.shape[-1]} is odd")
+        return super().forward(x)
+
+
+def test_an_input_the_model_refuses_is_its_error_not_the_compilers(tmp_path):
+    compiled = fp.compile_model(Picky().eval(), torch.device("cpu"), str(tmp_path))
+    with pytest.raises(ValueError, match="width 9 is odd"), torch.inference_mode():
+        compiled(torch.randn(1, 3, 8, 9))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchair_prepares_shapes_and_sealed_runs_others_eagerly():
+    logged = []
+    with FakeNpu(device_count=1) as npu:
+        runner = fp.make_runner(TwoConvs().eval(), fake_device(0), compile=True, log=logged.append)
+        done = runner.prepare(torch.randn(2, 3, 16, 16))
+        runner.seal()
+        backend_calls = len(npu.called("torchair.backend"))
+        x = torch.randn(1, 3, 16, 16)
+        out = runner(x)
+        runner(x)
+        stats = runner.stats()
+    assert done.how == "compiled" and stats.compiled_now == 1 and stats.sealed
+    assert backend_calls == 1 and len(npu.called("torchair.backend")) == 1  # nothing compiled after sealing
+    assert torch.allclose(out, runner.compiled.model(x), atol=1e-6)
+    assert stats.outside_set == ("1x3x16x16 float32",) and len(logged) == 1
+    assert [p.shape for p in stats.prepared] == ["2x3x16x16 float32"]
 
 
 def test_compile_refuses_mps():
@@ -265,7 +358,7 @@ def test_npu_without_npugraph_falls_back_to_the_accelerator_graph(monkeypatch):
     with FakeNpu(device_count=1):
         monkeypatch.delattr(torch.npu, "NPUGraph")
         factory = fp.graph_factory(fake_device(0))
-    assert factory is not None and factory.func is fp._capture_accelerator
+    assert isinstance(factory, fp.AcceleratorGraphs) and factory.pool_kind == "shared"
 
 
 def test_broken_torchair_is_one_line_naming_the_cause():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 import benchmark
 
 
@@ -70,3 +72,31 @@ def test_graph_row_is_dropped_when_nothing_was_captured():
     assert "torch_graphs" not in times and "aclop" in note
     kept = {"torch_graphs": [1.0]}
     assert benchmark._drop_uncaptured(kept, Runner(1, {}), "256x256", print) is None and "torch_graphs" in kept
+
+
+def test_engines_suite_on_a_device_runs_every_size_and_leaves_the_models_where_they_were(monkeypatch, tmp_path,
+                                                                                          flavour_files):
+    """``meta`` stands in for cuda/npu (a device that is not the CPU, where forwards still run): the suite used
+    to move the models in place and then count operators with a CPU input, failing at its second size."""
+    import torch
+
+    from modnet_npu.conversion.convert import convert
+    from modnet_npu.model.optimized import optimize
+    from modnet_npu.runtime import devices
+
+    meta = torch.device("meta")
+    monkeypatch.setattr(devices, "select_device", lambda spec: meta)
+    result = benchmark.suite_engines(flavour_files["official"], benchmark.DEFAULT_IMAGE, [32, 64], [1, 2], runs=1,
+                                     warmup=0, threads=1, device_spec="cuda", compile=False, graphs="off",
+                                     log=lambda m: None)
+    assert [(r["size"], r["batch"]) for r in result["results"]] == [(32, 1), (32, 2), (64, 1), (64, 2)]
+    assert result["device"] == "meta"
+    faithful = convert(flavour_files["official"]).model
+    models = {"faithful": faithful, "optimized": optimize(faithful)}
+    placed = benchmark.on_device(models, meta)
+    benchmark._contenders(None, "input", "batch", placed, np.zeros((1, 3, 32, 32), np.float32), meta, "off", False,
+                          lambda m: None)
+    for name, model in models.items():
+        assert {t.device.type for t in model.parameters()} == {"cpu"}, name  # the caller's models stay put
+        assert {t.device.type for t in placed[name].parameters()} == {"meta"}
+    assert benchmark.on_device(placed, meta)["optimized"] is placed["optimized"]  # no copy where already there

@@ -200,6 +200,7 @@ class _FakeCuda:
 
 def test_activate_cuda_makes_the_device_current_and_strict_turns_tf32_off(monkeypatch):
     cuda = _FakeCuda(monkeypatch)
+    monkeypatch.setattr(devices, "_new_tf32_api", lambda: False)  # a torch before 2.9: the legacy flags
     torch.backends.cudnn.allow_tf32 = True
     settings = devices.activate(torch.device("cuda", 1), strict_fp32=True)
     devices.synchronize(torch.device("cuda", 1))
@@ -211,6 +212,7 @@ def test_activate_cuda_makes_the_device_current_and_strict_turns_tf32_off(monkey
 
 def test_activate_cuda_without_strict_leaves_tf32_alone(monkeypatch):
     _FakeCuda(monkeypatch)
+    monkeypatch.setattr(devices, "_new_tf32_api", lambda: False)
     torch.backends.cudnn.allow_tf32 = True
     settings = devices.activate(torch.device("cuda", 0))
     assert settings.requested == {} and settings.in_force["cudnn.allow_tf32"] == "True"
@@ -221,3 +223,45 @@ def test_bf16_on_a_cuda_device_without_it_fails_clearly(monkeypatch):
     with pytest.raises(devices.DeviceError, match=r"cuda:0 \(Tesla V100\) has no bfloat16"):
         devices.check_bf16(torch.device("cuda", 0))
     assert ("is_bf16_supported", False) in cuda.calls  # emulated bf16 does not count
+
+
+# --------------------------------------------------------------------------
+# TF32 through torch's fp32_precision switches (torch 2.9+), where they exist
+# --------------------------------------------------------------------------
+
+needs_new_tf32_api = pytest.mark.skipif(not devices._new_tf32_api(), reason="this torch has no fp32_precision API")
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """torch.cuda's device calls recorded; the fp32_precision switches saved and put back by hand
+    (monkeypatch cannot: they live outside the objects' __dict__)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    switches = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    saved = [s.fp32_precision for s in switches]
+    yield calls
+    for switch, value in zip(switches, saved):
+        switch.fp32_precision = value
+
+
+@needs_new_tf32_api
+def test_strict_fp32_on_cuda_uses_the_fp32_precision_api(cuda_stand_in):
+    settings = devices.activate(torch.device("cuda", 0), strict_fp32=True)
+    assert settings.requested == {"cudnn.conv.fp32_precision": "ieee", "cuda.matmul.fp32_precision": "ieee"}
+    assert settings.in_force == settings.requested and cuda_stand_in == [("set_device", 0)]
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+@needs_new_tf32_api
+def test_strict_fp32_works_after_something_else_used_the_new_api(cuda_stand_in):
+    """The legacy flags raise once the new API set conv and RNN apart: the new API is used, and read back."""
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.backends.cudnn.allow_tf32  # noqa: B018  (what the old code read)
+    default = devices.activate(torch.device("cuda", 0))
+    assert default.requested == {} and default.in_force["cudnn.conv.fp32_precision"] == "tf32"
+    strict = devices.activate(torch.device("cuda", 0), strict_fp32=True)
+    assert strict.in_force["cudnn.conv.fp32_precision"] == "ieee"

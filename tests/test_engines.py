@@ -156,3 +156,105 @@ def test_matting_on_npu_1_readies_device_1_before_the_model_reaches_it(monkeypat
     assert built == [None]  # built on the CPU, moved by the engine once the device is ready
     assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable" and probe.at_move["current"] == 1
     assert matter.engine.description == "PyTorch on npu:1 (fp32; eager)"
+
+
+# --------------------------------------------------------------------------
+# A fixed set of shapes: batches padded up to a few sizes, prepared at warm-up (graphs through TapeGraphs,
+# tests/fake_replay.py: a CPU stand-in whose replays recompute, so a stale or mixed-up row would show)
+# --------------------------------------------------------------------------
+
+class Recorder(torch.nn.Module):
+    """Two convolutions that note every input shape they are run at (eager runs and captures alike)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 1, 3, padding=1)
+        self.shapes: list[tuple] = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.reference(x)
+
+    def reference(self, x):
+        return torch.sigmoid(self.b(torch.relu(self.a(x))))
+
+
+def _tape_engine(model, logged=None):
+    from fake_replay import TapeGraphs
+
+    return engines.TorchEngine(model, torch.device("cpu"), graphs="on", threads=1, capture=TapeGraphs(),
+                               log=(logged.append if logged is not None else lambda m: None))
+
+
+def test_batches_are_padded_up_to_a_few_sizes_and_the_padding_is_dropped():
+    model = Recorder().eval()
+    engine = _tape_engine(model)
+    assert engine.batch_sizes == (1, 2, 4, 8)
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 3, 5, 11, 3, 6, 2, 7, 11):
+        x = torch.randn(n, 3, 8, 8, generator=gen).numpy()
+        with torch.inference_mode():
+            want = model.reference(torch.from_numpy(x))[:, 0].numpy()
+        got = engine.infer(x)
+        assert got.shape == (n, 8, 8) and np.allclose(got, want, atol=1e-6)
+    assert {s[0] for s in model.shapes} <= {1, 2, 4, 8}  # 11 images: a batch of 8, then 3 padded to 4
+    assert engine.fast_path_stats().captures >= 2
+
+
+def test_warm_up_prepares_the_set_then_nothing_is_captured_inside_a_request():
+    logged = []
+    model = Recorder().eval()
+    engine = _tape_engine(model, logged)
+    stats = engine.warm_up([(8, 8), (16, 8)], max_batch=4)
+    assert stats.batch_sizes == (1, 2, 4) and stats.sealed and stats.captures == 6
+    assert [p.shape for p in stats.prepared][:3] == ["1x3x8x8 float32", "2x3x8x8 float32", "4x3x8x8 float32"]
+    assert {p.how for p in stats.prepared} == {"captured"} and stats.warm_up_s >= 0
+    assert stats.warm_up_memory == "process resident memory"
+    assert "batches 1,2,4 at 8x8, 16x8 prepared" in engine.description
+    model.shapes.clear()
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8), dtype=np.float32)
+    with torch.inference_mode():
+        want = model.reference(torch.from_numpy(x))[:, 0].numpy()
+    assert np.allclose(engine.infer(x), want, atol=1e-6)  # 3 images padded to the prepared 4
+    assert model.shapes == [] and engine.fast_path_stats().captures == 6  # a replay: the model did not run
+    odd = np.zeros((3, 3, 8, 16), np.float32)  # a size outside the set: eager at its own batch, logged once
+    engine.infer(odd)
+    engine.infer(odd)
+    after = engine.fast_path_stats()
+    assert model.shapes == [(3, 3, 8, 16)] * 2 and after.captures == 6
+    assert after.outside_set == ("3x3x8x16 float32",)
+    assert len([m for m in logged if "outside the prepared shape set" in m]) == 1
+    assert after.to_dict()["batch_sizes"] == [1, 2, 4]
+
+
+def test_warm_up_without_a_per_shape_fast_path_runs_the_first_forwards():
+    model = Recorder().eval()
+    engine = engines.TorchEngine(model, torch.device("cpu"), threads=1)
+    stats = engine.warm_up([(8, 8)], max_batch=8)
+    assert model.shapes == [(1, 3, 8, 8), (2, 3, 8, 8)] and not stats.sealed and stats.batch_sizes == ()
+    assert engine.description == "PyTorch on cpu (fp32; eager)"
+    engine.infer(np.zeros((3, 3, 8, 8), np.float32))
+    assert model.shapes[-1] == (3, 3, 8, 8)  # no padding where any shape costs the same
+
+
+def test_matter_warm_up_on_onnx_runtime_runs_the_first_forwards(webnn_file):
+    from modnet_npu.matting.matter import Matter
+
+    with Matter(model=webnn_file, backend="ort", threads=1) as matter:
+        seen = []
+        infer = matter.engine.infer
+        matter.engine.infer = lambda x: seen.append(x.shape) or infer(x)
+        matter.warm_up(max_batch=8)
+    assert seen == [(1, 3, 256, 256), (2, 3, 256, 256)]  # the file's fixed size, one image then two
+
+
+def test_compiled_packages_go_to_the_models_dir_asked_for(webnn_file, tmp_path):
+    """--models-dir's .compile-cache, as --help says (it was always models/.compile-cache)."""
+    from modnet_npu.runtime.options import EngineOptions
+
+    options = EngineOptions(model=webnn_file, backend="torch", device="cpu", compile=True, models_dir=str(tmp_path))
+    engine = engines.open_engine("torch", webnn_file, options)  # nothing is compiled before a shape is prepared
+    assert engine.runner.compiled.cache_dir == str(tmp_path / ".compile-cache")
+    assert (tmp_path / ".compile-cache").is_dir() and engine.batch_sizes == (1, 2, 4, 8)

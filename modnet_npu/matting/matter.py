@@ -6,7 +6,9 @@
     rgba = matter.cutout(pil_image)       # uint8 (H, W, 4)
     rgb = matter.composite(array, "blur") # uint8 (H, W, 3)
 
-Images that share a model input size are inferred as one batch (:meth:`Matter.mattes`).
+Images that share a model input size are inferred as one batch (:meth:`Matter.mattes`); on a fast path
+made per shape (compiled, graph capture) the engine pads each batch up to one of a few batch sizes
+(``TorchEngine``), which :meth:`Matter.warm_up` prepares before any request.
 """
 from __future__ import annotations
 
@@ -106,6 +108,26 @@ class Matter:
         if not np.isfinite(raw).all():
             raise NonFiniteMatteError("the model produced NaN or Inf values, not a matte (is the model file broken?)")
         return [matte_to_size(alpha, rgb.shape[:2]) for rgb, alpha in zip(images, raw)]
+
+    def warm_up(self, sizes: Sequence[Size] | None = None, *, max_batch: int = 8) -> None:
+        """Get the engine ready for batches of up to ``max_batch`` images at each model input size in
+        ``sizes`` (default: the size a 512x512 image gets) before any request comes.
+
+        On PyTorch with a fast path made per shape (``compile``, graph capture) this
+        compiles or captures every batch of the engine's set at those sizes and
+        seals it (``TorchEngine.warm_up``): later batches are padded up to a
+        prepared one, and a shape outside the set runs eagerly instead of waiting
+        for a compiler. Otherwise it runs the first forwards (one image, then two).
+        """
+        sizes = list(sizes) if sizes is not None else [self.model_size(512, 512)]
+        warm = getattr(self.engine, "warm_up", None)
+        if warm is not None:
+            warm(sizes, max_batch=max_batch)
+            return
+        for size in sizes:
+            gray = np.full((*size, 3), 128, np.uint8)
+            for n in sorted({1, min(2, max_batch)}):
+                self.infer_batch([gray] * n, size)
 
     def mattes(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Float mattes for uint8 RGB images; images that share a model size run as one batch."""

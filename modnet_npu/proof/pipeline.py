@@ -208,7 +208,8 @@ def step_device(opts: Options, converted: Converted, size: Size, say: _Steps) ->
     model = converted.conversion.model if e.model_form == "faithful" else optimize(converted.conversion.model)
     operators = _operator_counts(converted.conversion, model, e.model_form, size)
     engine = TorchEngine(model, device, precision=e.precision, strict_fp32=True, compile=e.compile,
-                         graphs=e.graphs, threads=e.threads, log=say.detail)
+                         graphs=e.graphs, threads=e.threads, log=say.detail,
+                         cache_dir=os.path.join(e.models_dir, ".compile-cache"))
     say.detail(f"model form {e.model_form} ({operators[e.model_form]['kernels']} kernel launches per "
                f"forward); fast path: {engine.fast_path}")
     return DeviceSetup(device, env, engine, operators)
@@ -294,7 +295,7 @@ def _throughput(ort: OrtEngine, engine: TorchEngine, x: np.ndarray, batch: int, 
     """Images per second at ``batch``; a static batch-1 ONNX graph takes the images one by one."""
     xb = np.repeat(x, batch, axis=0)
     xbt = engine.to_device(xb)
-    engine.timed(xbt)  # a new shape may capture or compile: not timed
+    engine.prepare(xbt)  # a new shape is captured or compiled now, not inside the timing
     times = interleaved({"torch": lambda: engine.timed(xbt), "ort": lambda: ort.run(xb)},
                         runs=max(3, runs // batch), sync=lambda: devices.synchronize(engine.device), rotate=False)
     return Throughput(batch, batch * 1000.0 / float(np.median(times["torch"])),
@@ -313,6 +314,7 @@ def step_benchmark(opts: Options, dev: DeviceSetup, ort: OrtEngine, x: np.ndarra
     say.start(f"Benchmark: {opts.warmup} warm-up + {opts.runs} timed runs each, interleaved, {threads} CPU thread(s)")
     engine = dev.engine
     xt = engine.to_device(x)
+    engine.prepare(xt)  # captured or compiled before the timing, whatever --warmup says
     sync = lambda: devices.synchronize(dev.device)  # noqa: E731
     with NoiseProbe(threads) as probe:  # how busy the machine was while we timed
         times = interleaved({"ort": lambda: ort.run(x), "torch": lambda: engine.runner(xt)}, runs=opts.runs,

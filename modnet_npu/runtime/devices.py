@@ -188,9 +188,21 @@ def _activate_npu(device: Any, strict_fp32: bool) -> dict[str, str]:
     return requested
 
 
+def _new_tf32_api() -> bool:
+    """Whether this torch has the ``fp32_precision`` switches (2.9 and later); once anything sets them,
+    reading the legacy ``allow_tf32`` flags raises, so where they exist they are the only ones used."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return conv is not None and hasattr(conv, "fp32_precision") and hasattr(torch.backends.cuda.matmul,
+                                                                             "fp32_precision")
+
+
 def _activate_cuda(device: Any, strict_fp32: bool) -> dict[str, str]:
     requested: dict[str, str] = {}
-    if strict_fp32:  # CUDA convolutions default to TF32: a 10-bit mantissa hides converter bugs
+    if strict_fp32 and _new_tf32_api():  # CUDA convolutions default to TF32: a 10-bit mantissa hides converter bugs
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        requested = {"cudnn.conv.fp32_precision": "ieee", "cuda.matmul.fp32_precision": "ieee"}
+    elif strict_fp32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         requested = {"cudnn.allow_tf32": "False", "cuda.matmul.allow_tf32": "False"}
@@ -243,6 +255,9 @@ def read_back(device: Any) -> dict[str, str]:
         get = import_torch_npu()._C._npu_getOption  # bytes, or None where never set
         values = {name: get(name) for name in NPU_OPTIONS}
         return {k: "unset" if v is None else v.decode() for k, v in values.items()}
+    if device.type == "cuda" and _new_tf32_api():  # "tf32", "ieee", or "none" (the parent setting)
+        return {"cudnn.conv.fp32_precision": str(torch.backends.cudnn.conv.fp32_precision),
+                "cuda.matmul.fp32_precision": str(torch.backends.cuda.matmul.fp32_precision)}
     if device.type == "cuda":
         return {"cudnn.allow_tf32": str(torch.backends.cudnn.allow_tf32),
                 "cuda.matmul.allow_tf32": str(torch.backends.cuda.matmul.allow_tf32)}
@@ -298,6 +313,14 @@ def reset_peak_memory(device: Any) -> None:
     mod = _module(device)
     if mod is not None and hasattr(mod, "reset_peak_memory_stats"):
         mod.reset_peak_memory_stats(device.index)
+
+
+def allocated_mb(device: Any) -> float | None:
+    """Memory the framework holds allocated on the device now (graphs' pools included), or None on CPU/MPS."""
+    mod = _module(device)
+    if mod is None or device.type == "mps" or not hasattr(mod, "memory_allocated"):
+        return None
+    return float(mod.memory_allocated(device.index)) / 2**20
 
 
 def peak_memory_mb(device: Any) -> float | None:

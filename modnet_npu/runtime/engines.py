@@ -19,10 +19,11 @@ Each has a ``description`` (the engine in words, for a user) and a ``fast_path``
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import replace
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ from torch import nn
 
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
-from modnet_npu.runtime.acceleration import FastPathStats, make_runner
+from modnet_npu.runtime.acceleration import (BATCH_SIZES, DEFAULT_COMPILE_CACHE, FastPathStats, GraphFactory,
+                                             batch_set, make_runner, memory_now)
 from modnet_npu.runtime.options import (BACKEND_CHOICES, BACKENDS, EngineOptions, check_cpu_only,  # noqa: F401
                                         check_ort, choose_engine)
 from modnet_npu.runtime.process_setup import effective_threads
@@ -174,7 +176,14 @@ class TorchEngine:
     ``strict_fp32`` when asked). Without ``strict_fp32`` a 910B runs fp32
     convolutions in HF32 and CUDA in TF32 (their defaults; fine for matting).
     Process-wide CPU settings (threads, allocator) are the entry point's job
-    (``process_setup.setup_process``), not the engine's.
+    (``process_setup.setup_process``), not the engine's. ``capture``: how to
+    capture graphs where the device has none of its own (a stand-in for tests);
+    ``cache_dir``: where compiled packages are kept.
+
+    With a fast path made per input shape (compiled, graph capture) the engine
+    sees a handful of shapes: batches are padded up to :attr:`batch_sizes`
+    (``acceleration.BATCH_SIZES`` until :meth:`warm_up` sets them) and larger
+    ones are cut; :meth:`warm_up` prepares that set before any request.
     """
 
     name = "torch"
@@ -182,7 +191,8 @@ class TorchEngine:
 
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32",
                  strict_fp32: bool = False, compile: bool = False, graphs: str = "auto", threads: int = 0,
-                 log: Callable[[str], None] = lambda m: None) -> None:
+                 log: Callable[[str], None] = lambda m: None, capture: GraphFactory | None = None,
+                 cache_dir: str = DEFAULT_COMPILE_CACHE) -> None:
         from modnet_npu.model.optimized import with_precision
 
         self.device = device
@@ -196,7 +206,10 @@ class TorchEngine:
         # the weights' copy initialised the device: CANN has applied (or refused) the options by now
         self.settings = replace(activated, in_force=devices.read_back(device))
         self.runner = make_runner(self.model, device, compile=compile, graphs=graphs,
-                                  threads=default_threads(threads), log=log)
+                                  threads=default_threads(threads), cache_dir=cache_dir, log=log, capture=capture)
+        self.batch_sizes = BATCH_SIZES if self.runner.fixed_shapes else ()
+        self.runner.batch_sizes = self.batch_sizes
+        self.warm_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def fast_path(self) -> str:
@@ -205,23 +218,100 @@ class TorchEngine:
 
     @property
     def description(self) -> str:
-        """The engine in words: device, precision and fast path."""
-        return f"PyTorch on {self.device} ({self.precision}; {self.fast_path})"
+        """The engine in words: device, precision, fast path, and the shape set prepared at warm-up."""
+        ready = self.shape_set()
+        return f"PyTorch on {self.device} ({self.precision}; {self.fast_path}{'; ' + ready if ready else ''})"
+
+    def shape_set(self) -> str | None:
+        """The shapes prepared at warm-up and what they cost, in words; None before a warm-up prepared any."""
+        if not self.warm_sizes:
+            return None
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.warm_sizes)
+        memory, kind = self.runner.warm_up_memory or (None, "")
+        cost = f"{sum(p.seconds for p in self.runner.prepared):.1f} s"
+        if memory is not None:
+            cost += f", {memory:+.0f} MB {kind}"
+        return f"batches {','.join(map(str, self.batch_sizes))} at {sizes} prepared ({cost})"
 
     def fast_path_stats(self) -> FastPathStats:
-        """Graph captures, replays and failures (with reasons), compilations: what the fast path did so far."""
+        """Graph captures, replays and failures (with reasons), compilations, the shape set: what the fast
+        path did so far."""
         return self.runner.stats()
 
     def device_settings(self) -> devices.DeviceSettings:
         """What :func:`devices.activate` set, with the options in force read back now."""
         return replace(self.settings, in_force=devices.read_back(self.device))
 
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        t = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=True)
+    def _forward(self, t: torch.Tensor) -> np.ndarray:
+        t = t.to(self.device, self.dtype, non_blocking=True)
         return self.runner(t).float().cpu().numpy()
+
+    def padded_batch(self, n: int, tail: tuple) -> int:
+        """The batch ``n`` images of shape ``tail`` run at: the next of :attr:`batch_sizes`. When that one is
+        not ready, a larger ready one where the alternative is a compilation (compiled, or sealed: nothing
+        is prepared any more), and sealed with none ready, ``n`` itself (it then runs eagerly)."""
+        bucket = next(b for b in self.batch_sizes if b >= n)
+        ready = self.runner.prepared_batches(tail, self.dtype)
+        if bucket in ready:
+            return bucket
+        larger = [b for b in ready if b >= n]
+        if self.runner.sealed:
+            return min(larger) if larger else n
+        if self.runner.compiled is not None and larger:  # padding costs far less than compiling another shape
+            return min(larger)
+        return bucket
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The model's output for ``x``. A fast path made per shape gets a handful of them: batches are cut
+        to the largest of :attr:`batch_sizes` and padded up (rows of zeros, dropped from the answer)."""
+        t = torch.as_tensor(x)
+        if not self.runner.fixed_shapes:
+            return self._forward(t)
+        outs = []
+        for chunk in t.split(self.batch_sizes[-1]):
+            n = chunk.shape[0]
+            b = self.padded_batch(n, tuple(chunk.shape[1:]))
+            if b > n:
+                chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
+            outs.append(self._forward(chunk)[:n])
+        return np.concatenate(outs)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self(x)[:, 0]
+
+    def prepare(self, x: np.ndarray | torch.Tensor) -> None:
+        """Compile or capture ``x``'s shape now (before timing it): :meth:`acceleration.Runner.prepare`."""
+        t = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+        self.runner.prepare(t.to(self.device, self.dtype))
+
+    def warm_up(self, sizes: Iterable[tuple[int, int]], *, max_batch: int = BATCH_SIZES[-1],
+                seal: bool = True) -> FastPathStats:
+        """Make the engine ready for batches of up to ``max_batch`` images at each model input size.
+
+        With a fast path made per shape (compiled, graph capture) every batch of
+        ``acceleration.batch_set(max_batch)`` is compiled (or loaded from the cache)
+        or captured at every size now, and ``seal`` then keeps any other shape from
+        being compiled or captured later: a request never waits for a compiler,
+        and an unforeseen shape runs eagerly (logged once). Otherwise the first
+        forwards (one image, then two) run, off the request path. The set and what
+        it cost are in :meth:`fast_path_stats` and :attr:`description`.
+        """
+        sizes = list(dict.fromkeys((int(h), int(w)) for h, w in sizes))
+        fixed = self.runner.fixed_shapes
+        batches = batch_set(max_batch) if fixed else tuple(sorted({1, min(2, max_batch)}))
+        before = memory_now(self.device)
+        for h, w in sizes:
+            for b in batches:
+                self.runner.prepare(torch.zeros((b, 3, h, w), dtype=self.dtype).to(self.device))
+        if fixed:
+            self.batch_sizes, self.warm_sizes = batches, tuple(sizes)
+            self.runner.batch_sizes = batches
+            after = memory_now(self.device)
+            memory = None if before[0] is None or after[0] is None else round(after[0] - before[0], 1)
+            self.runner.warm_up_memory = (memory, after[1])
+            if seal:
+                self.runner.seal()
+        return self.fast_path_stats()
 
     def close(self) -> None:
         self.runner.close()
@@ -286,4 +376,5 @@ def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOpt
     # on the CPU: TorchEngine readies the device first
     model = build_torch_model_from_onnx(onnx_path, optimize=options.model_form == "optimized")
     return TorchEngine(model, target, precision=options.precision, strict_fp32=options.strict_fp32,
-                       compile=options.compile, graphs=options.graphs, threads=options.threads, log=log)
+                       compile=options.compile, graphs=options.graphs, threads=options.threads, log=log,
+                       cache_dir=os.path.join(options.models_dir, ".compile-cache"))  # --models-dir's, as --help says

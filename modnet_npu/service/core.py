@@ -172,11 +172,10 @@ class Service:
             matter.close()
 
     def _warm_up(self, matter: Matter) -> None:
-        """First forwards (one image, then two) at the size a typical upload gets, off the request path."""
+        """Off the request path: the batch sizes this service can form (up to --max-batch, within the model-pixel
+        budget) compiled or captured at the size a typical upload gets, else the first forwards (``Matter.warm_up``)."""
         size = matter.model_size(*_WARMUP_IMAGE)
-        gray = np.full((*_WARMUP_IMAGE, 3), 128, np.uint8)
-        for n in sorted({1, min(2, self.batcher.capacity(size))}):
-            matter.infer_batch([gray] * n, size)
+        matter.warm_up([size], max_batch=self.batcher.capacity(size))
 
     def _ready(self, matter: Matter) -> None:
         self.matter = matter
