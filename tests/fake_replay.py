@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fake_npu import FakeNpu, _bind, _NPUGraph
+from fake_npu import FakeNpu
+from fake_npu_modules import _bind, _NPUGraph
 
 
 class OpTape(TorchDispatchMode):
