@@ -466,8 +466,9 @@ def format_busy(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "probe"],
-                   help="what to measure (probe: one process of the busy suite)")
+    p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "peers", "probe"],
+                   help="what to measure (probe: one process of the busy suite; peers: rembg and OpenVINO beside "
+                        "ours, with options of its own: benchmark.py peers --help)")
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the picture benchmarked")
     p.add_argument("--count", type=int, default=16, help="batch and ray suites: images in the folder")
@@ -515,6 +516,11 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run the suite, print; every failure one ``error:`` line and the shared exit status (``modnet_npu.cli``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["peers"]:  # rembg, OpenVINO and servers side by side: options of its own (peers_suite)
+        from modnet_npu.bench.peers_suite import main as peers_main
+
+        return peers_main(args[1:])
     return run_command(build_parser(), lambda args: _main(args, argv), argv)
 
 

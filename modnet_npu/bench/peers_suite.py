@@ -551,10 +551,10 @@ def default_model() -> str:
     return synthetic_fallback().path
 
 
-def build_parser():
+def build_parser(prog: str = "python3 benchmark.py peers"):
     from modnet_npu.cli import Parser
 
-    p = Parser(prog="python3 -m modnet_npu.bench.peers_suite", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="ONNX file (default: models/modnet.onnx, else the generated model)")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the photo")
     p.add_argument("--json", default=os.path.join(REPO_ROOT, "benchmarks", "peers.json"), help="results written here")
@@ -562,12 +562,13 @@ def build_parser():
     return p
 
 
-def _body(args) -> int:
+def _body(args, command: str) -> int:
     from modnet_npu.fileio import write_json
 
     settings = settings_from(args)
     result = run_peers(args.model or default_model(), args.image, settings=settings, rembg_bin=args.rembg_bin,
                        u2net_home=args.u2net_home)
+    result["command"] = command  # what regenerates this file
     print(format_peers(result))
     if args.json:
         write_json(args.json, result)
@@ -575,11 +576,9 @@ def _body(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python3 benchmark.py peers") -> int:
+    """``benchmark.py peers``: parse, run, print, write the JSON (its own options: rembg, OpenVINO, servers)."""
     from modnet_npu.cli import run_command
 
-    return run_command(build_parser(), _body, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(build_parser(prog), lambda parsed: _body(parsed, " ".join([prog, *args])), args)
