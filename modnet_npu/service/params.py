@@ -19,7 +19,6 @@ MATTE_FIELDS = ("mode", "background", "size", "format", "url", "dc")
 REMBG_IGNORED = rembg_compat.IGNORED
 REMBG_HONOURED = rembg_compat.HONOURED
 FORM_FIELDS = {*MATTE_FIELDS, *rembg_compat.FIELDS}
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 MAX_SPEC_CHARS = 256  # any parameter but url (and rembg's ignored extras): a mode, a colour, a size is a few characters
 
 
@@ -64,12 +63,8 @@ def parse_matte_params(fields: dict[str, str]) -> MatteParams:
 
 
 def _flag(name: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{name}={shown(text)} is not true or false")
+    """``/api/matte``'s booleans read as rembg's are; an empty value is as if not sent."""
+    return bool(text.strip()) and rembg_compat.parse_bool(name, text)
 
 
 def parse_rembg_params(fields: dict[str, str]) -> MatteParams:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from modnet_npu.service.limits import shown
+
 # rembg 2.0.86's session names (rembg.sessions.sessions_names), the pattern its server checks `model` against
 REMBG_MODELS = ("birefnet-general", "birefnet-general-lite", "birefnet-general-fp16", "birefnet-portrait",
                 "birefnet-dis", "birefnet-hrsod", "birefnet-cod", "birefnet-massive", "isnet-anime", "dis_custom",
@@ -53,13 +55,15 @@ class RembgRequest:
     decontaminate: bool = False
 
 
-def _bool(name: str, text: str) -> bool:
+def parse_bool(name: str, text: str) -> bool:
+    """A boolean parameter as rembg (pydantic) reads it: 1/0, on/off, t/f, true/false, y/n, yes/no, any case;
+    ValueError naming it otherwise (the value clipped: it is echoed back)."""
     value = text.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={text!r} is not true or false")
+    raise ValueError(f"{name}={shown(text)} is not true or false")
 
 
 def _int(name: str, text: str, low: int, high: int | None) -> int:
@@ -97,7 +101,7 @@ def parse(fields: dict[str, str]) -> RembgRequest:
     if model is not None and not _MODEL_PATTERN.search(model):
         raise ValueError(f"model={model!r} is not one of rembg's models ({', '.join(REMBG_MODELS)}); "
                          "MODNet answers for any of them")
-    flags = {name: _bool(name, given[name]) for name in BOOLEANS if name in given}
+    flags = {name: parse_bool(name, given[name]) for name in BOOLEANS if name in given}
     for name, (low, high) in INTEGERS.items():
         if name in given:
             _int(name, given[name], low, high)

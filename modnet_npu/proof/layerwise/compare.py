@@ -112,12 +112,6 @@ def _threshold(threshold: float | None, precision: str) -> float:
         raise LayerwiseError(f"unknown precision {precision!r}; choose from {', '.join(LAYER_THRESHOLDS)}")
     return LAYER_THRESHOLDS[precision]
 
-def _threshold(threshold: float | None, precision: str) -> float:
-    if threshold is not None:
-        return float(threshold)
-    if precision not in LAYER_THRESHOLDS:
-        raise LayerwiseError(f"unknown precision {precision!r}; choose from {', '.join(LAYER_THRESHOLDS)}")
-    return LAYER_THRESHOLDS[precision]
 
 
 @dataclass(frozen=True)
