@@ -28,8 +28,7 @@ from modnet_npu.matting.imaging import (
     load_image,
     make_background,
     matte_to_size,
-    normalize,
-    resize_rgb,
+    model_input,
     to_uint8,
 )
 from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, resolve_or_fallback
@@ -91,7 +90,7 @@ class Matter:
 
     def infer_batch(self, images: Sequence[np.ndarray], size: Size) -> list[np.ndarray]:
         """Float mattes, at each image's own size, for uint8 RGB images all inferred at model input ``size``."""
-        x = np.stack([normalize(resize_rgb(rgb, size)) for rgb in images])
+        x = np.stack([model_input(rgb, size) for rgb in images])
         return [matte_to_size(alpha, rgb.shape[:2]) for rgb, alpha in zip(images, self.engine.infer(x))]
 
     def mattes(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
