@@ -38,7 +38,7 @@ def test_flavours_are_what_they_claim(flavour_files):
     assert _ops(flavour_files["ort_extended"])["FusedConv"] > 0
 
 
-# the real onnx-community/modnet-webnn file's layout (MODNET.md; read from the file itself)
+# the real onnx-community/modnet-webnn file's layout, read from the file itself (docs/REAL_MODEL.md)
 REAL_LAYOUT_OPS = {
     "Constant": 241, "Conv": 69, "Clip": 35, "Slice": 32, "Concat": 24, "Relu": 17, "BatchNormalization": 16,
     "InstanceNormalization": 16, "Add": 10, "Resize": 9, "Unsqueeze": 4, "Shape": 3, "Gather": 2, "Reshape": 2,

@@ -404,8 +404,8 @@ def resolve_or_fallback(
     """:func:`resolve_model`, falling back to the generated model only when that is honest.
 
     The fallback happens for the default model id when nothing could be
-    downloaded (offline, refused, every method failed) and ``allow_synthetic``
-    is set. Never for a local path, a URL, another id, or a checksum mismatch:
+    downloaded (offline, refused, every method failed, the package index
+    included) and ``allow_synthetic`` is set. Never for a local path, a URL, another id, or a checksum mismatch:
     those are the user's own file or a tampered one, and a stand-in would hide it.
     """
     try:
