@@ -163,15 +163,28 @@ def test_a_wrong_weight_is_found_on_real_weights(real_model, small_x, layer):
     assert all(r.rel <= rep.threshold for r in rep.rows[: names.index(layer)])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_no_fault_no_divergence_on_real_weights(real_model, small_x, precision):
+def _clean_report(real_model, x, precision):
     from modnet_npu.model.optimized import with_precision
     from modnet_npu.proof.layerwise import compare_layers
 
     model, _ = with_precision(ps._layer_model(real_model, "optimized", None), precision)
-    rep = compare_layers(real_model, model, small_x, precision=precision)
+    return compare_layers(real_model, model, x, precision=precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_no_fault_no_divergence_on_real_weights(real_model, small_x, precision):
+    rep = _clean_report(real_model, small_x, precision)
     assert rep.first_divergence is None, rep.worst_table(5)
+
+
+@pytest.mark.slow
+def test_bf16_layers_compute_at_bf16_rounding(real_model, small_x):
+    # the bf16 decoder's matte can exceed its 5e-2 threshold (0.15 at 256x256: docs/REAL_MODEL.md),
+    # but no layer adds more than bf16 rounding itself (8.1e-3 relative measured at 256x256)
+    rep = _clean_report(real_model, small_x, "bf16")
+    assert rep.first_divergence in (None, "matte"), rep.worst_table(5)
+    assert max(r.local_rel for r in rep.rows) < rep.threshold, rep.worst_table(5)
 
 
 # --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from modnet_npu.model.modnet import SIZE_MULTIPLE
 from modnet_npu.errors import ModnetError
 
 REFERENCE_SIZE = 512  # MODNet's official inference rule
-MODEL_FILE_SIZE = 256  # the static size of onnx-community/modnet-webnn
+MODEL_FILE_SIZE = 256  # the seed's input size (the real modnet-webnn file has dynamic axes)
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # also bytearray and binary streams
 Size = tuple[int, int]
@@ -228,7 +228,7 @@ def model_input(rgb: np.ndarray, size: Size) -> np.ndarray:
 def preprocess(image: ImageLike, size: int | Size | str = MODEL_FILE_SIZE) -> tuple[np.ndarray, Size]:
     """Image -> (model input ``float32 [1, 3, h, w]``, original ``(height, width)``).
 
-    ``size``: 256 (the ``modnet-webnn`` file's fixed size) by default, any
+    ``size``: 256 (the seed's size) by default, any
     multiple of 32, a ``(height, width)`` pair, or ``'auto'`` for MODNet's
     official rule.
     """
