@@ -343,18 +343,21 @@ class SuiteResult:
 
 
 def run_suite(model: str | None = None, *, output_dir: str | None = None, sections: Sequence[str] = SECTIONS,
-              image: str = DEFAULT_IMAGE, device: str = "cpu", threads: int = 0, log: Log = print) -> SuiteResult:
+              image: str = DEFAULT_IMAGE, device: str = "cpu", threads: int = 0, models_dir: str | None = None,
+              log: Log = print) -> SuiteResult:
     """Resolve the model (the real file by default: never the generated one), run ``sections``, write them.
 
-    ``output_dir``: where ``precision_suite.json`` and ``precision_suite.md`` go (None: not written).
+    ``output_dir``: where ``precision_suite.json``, ``precision_suite.md`` and (layers)
+    ``layerwise_fault.png``/``.json`` go (None: not written). ModelSourceError when the
+    model cannot be had, ValueError for an unknown section.
     """
-    from modnet_npu.source.resolve import DEFAULT_MODEL_ID, resolve_model
+    from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, resolve_model
 
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     start = time.perf_counter()
-    src = resolve_model(model or DEFAULT_MODEL_ID, log=log)
+    src = resolve_model(model or DEFAULT_MODEL_ID, models_dir or DEFAULT_MODELS_DIR, log=log)
     result = SuiteResult(
         src.path, src.sha256,
         measure_precision(src.path, image=image, device=device, threads=threads, log=log)
