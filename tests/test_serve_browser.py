@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PORTRAIT
+from conftest import PORTRAIT, seed_synthetic_cache
 from modnet_npu.service.child import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,13 +51,9 @@ def _start_chrome(options):
 @pytest.fixture(scope="module")
 def page_server(flavour_files, tmp_path_factory):
     """serve.py as an offline machine runs it: the generated model, with its warning."""
-    from modnet_npu.source import synthetic as synthetic_model
-
     _require_browser()
     models = tmp_path_factory.mktemp("models")
-    target = models / "synthetic" / f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx"
-    target.parent.mkdir()
-    shutil.copy(flavour_files["webnn"], target)
+    seed_synthetic_cache(models, flavour_files)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = ["--models-dir", str(models), "--offline", "--allow-synthetic", "--backend", "torch", "--device", "cpu",
             "--size", "256", "--threads", "1"]

@@ -19,7 +19,6 @@ import http.server
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PORTRAIT, loopback_http
+from conftest import PORTRAIT, loopback_http, seed_synthetic_cache
 from modnet_npu.service.child import ServerProcess
 
 REQUEST_TIMEOUT = 120.0  # per request; generous for a busy 2-core machine, but bounded
@@ -417,14 +416,11 @@ def synthetic_matter(flavour_files, tmp_path_factory):
     One intra-op thread: no worker pool, so the apps below can share it (each
     closes it on shutdown, which then changes nothing).
     """
-    from modnet_npu.source import synthetic as synthetic_model
     from modnet_npu.matting.matter import Matter
     from modnet_npu.source.resolve import DEFAULT_MODEL_ID
 
     models = tmp_path_factory.mktemp("models")
-    target = models / "synthetic" / f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx"
-    target.parent.mkdir()
-    shutil.copy(flavour_files["webnn"], target)
+    seed_synthetic_cache(models, flavour_files)
     return Matter(model=DEFAULT_MODEL_ID, backend="torch", device="cpu", size=64, threads=1, models_dir=str(models),
                   offline=True, allow_synthetic=True)
 

@@ -7,6 +7,7 @@ from collections import Counter
 
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from modnet_npu.source import synthetic as synthetic_model
 import synthetic_model as synthetic_cli
@@ -35,6 +36,36 @@ def test_flavours_are_what_they_claim(flavour_files):
     assert _ops(flavour_files["anonymous"])["Gemm"] == 2
     assert _ops(flavour_files["simplified"])["Constant"] == 0
     assert _ops(flavour_files["ort_extended"])["FusedConv"] > 0
+
+
+# the real onnx-community/modnet-webnn file's layout, read from the file itself (docs/REAL_MODEL.md)
+REAL_LAYOUT_OPS = {
+    "Constant": 241, "Conv": 69, "Clip": 35, "Slice": 32, "Concat": 24, "Relu": 17, "BatchNormalization": 16,
+    "InstanceNormalization": 16, "Add": 10, "Resize": 9, "Unsqueeze": 4, "Shape": 3, "Gather": 2, "Reshape": 2,
+    "MatMul": 2, "Sigmoid": 2, "GlobalAveragePool": 1, "Expand": 1, "Mul": 1,
+}
+
+
+def _layout(path):
+    model = onnx.load(path)
+    g = model.graph
+    dims = [d.dim_param or d.dim_value for d in g.input[0].type.tensor_type.shape.dim]
+    floats = sum(numpy_helper.to_array(i).size for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    floats += sum(numpy_helper.to_array(n.attribute[0].t).size for n in g.node
+                  if n.op_type == "Constant" and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT)
+    return {"opset": model.opset_import[0].version, "input": (g.input[0].name, dims), "output": g.output[0].name,
+            "initializers": len(g.initializer), "ops": dict(Counter(n.op_type for n in g.node)), "floats": floats}
+
+
+def test_the_fallback_flavour_is_laid_out_like_the_real_file(flavour_files):
+    layout = _layout(flavour_files[synthetic_model.FALLBACK_FLAVOUR])
+    assert layout == {"opset": 11, "input": ("input", ["batch_size", 3, "height", "width"]), "output": "output",
+                      "initializers": 215, "ops": REAL_LAYOUT_OPS, "floats": 6_461_035}
+
+
+@pytest.mark.slow
+def test_the_fallback_flavour_matches_the_real_file_itself(flavour_files, real_model):
+    assert _layout(flavour_files[synthetic_model.FALLBACK_FLAVOUR]) == _layout(real_model)
 
 
 def test_batchnorm_statistics_are_not_trivial(seeded_model):
@@ -84,14 +115,15 @@ sys.meta_path.insert(0, _Block())
 
 
 def test_the_pipelines_flavour_needs_only_requirements_txt(tmp_path):
-    # webnn is what model_source.synthetic_fallback generates: it must work where
+    # FALLBACK_FLAVOUR is what resolve.synthetic_fallback generates: it must work where
     # only requirements.txt is installed (no onnxscript, no onnxslim)
     (tmp_path / "sitecustomize.py").write_text(_BLOCK_EXTRAS)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    flavour = synthetic_model.FALLBACK_FLAVOUR
     proc = subprocess.run([sys.executable, str(ROOT / "synthetic_model.py"), "--out-dir", str(tmp_path / "out"),
-                           "--flavour", "webnn"], env=env, capture_output=True, text=True, timeout=300)
+                           "--flavour", flavour], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "out" / "modnet_webnn.onnx").stat().st_size > 20_000_000
+    assert (tmp_path / "out" / f"modnet_{flavour}.onnx").stat().st_size > 20_000_000
     blocked = subprocess.run([sys.executable, str(ROOT / "synthetic_model.py"), "--out-dir", str(tmp_path / "o2"),
                               "--flavour", "simplified"], env=env, capture_output=True, text=True, timeout=120)
     assert blocked.returncode == 1 and "pip install onnxslim" in blocked.stderr  # the blocker does block

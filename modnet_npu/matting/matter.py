@@ -31,8 +31,7 @@ from modnet_npu.matting.imaging import (
     load_image,
     make_background,
     matte_to_size,
-    normalize,
-    resize_rgb,
+    model_input,
     to_uint8,
 )
 from modnet_npu.source.resolve import resolve_or_fallback
@@ -103,7 +102,7 @@ class Matter:
 
     def infer_batch(self, images: Sequence[np.ndarray], size: Size) -> list[np.ndarray]:
         """Float mattes, at each image's own size, for uint8 RGB images all inferred at model input ``size``."""
-        x = np.stack([normalize(resize_rgb(rgb, size)) for rgb in images])
+        x = np.stack([model_input(rgb, size) for rgb in images])
         raw = self.engine.infer(x)
         if not np.isfinite(raw).all():
             raise NonFiniteMatteError("the model produced NaN or Inf values, not a matte (is the model file broken?)")

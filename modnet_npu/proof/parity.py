@@ -14,7 +14,7 @@ import numpy as np
 
 from modnet_npu.runtime.engines import Engine
 from modnet_npu.errors import ModnetError
-from modnet_npu.matting.imaging import Size, SizeSpec, input_size, load_image, matte_to_size, normalize, resize_rgb
+from modnet_npu.matting.imaging import Size, SizeSpec, input_size, load_image, matte_to_size, model_input, resize_rgb
 from modnet_npu.matting.imaging import to_uint8
 from modnet_npu.matting.jobs import IMAGE_EXTS
 from modnet_npu.proof.report import ErrorMetrics, error_metrics
@@ -88,7 +88,7 @@ def plan_cases(paths: Sequence[str], *, fixed: Size | None, specs: Sequence[Size
 def run_case(case: Case, ort: Engine, torch_engine: Engine, bounds: Thresholds) -> CaseResult:
     """Both engines on one case; the verdict against ``bounds``."""
     model_rgb = resize_rgb(case.rgb, case.size)
-    x = normalize(model_rgb)[None]
+    x = model_input(case.rgb, case.size)[None]  # as inference feeds it (resampled before rounding)
     ort_out = ort.infer(x)[0]
     dev_out = torch_engine.infer(x)[0]
     floats = error_metrics(ort_out, dev_out)

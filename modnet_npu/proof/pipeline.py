@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "output")
 TOTAL_STEPS = 7
+# parity sizes of a dynamic file when none are given: the seed's run (256x256, so the
+# benchmark, which runs at the first, compares with the seed's table), then MODNet's own rule
+DEFAULT_SIZES = ("256x256", "auto")
 
 
 # The pipeline's engine defaults: the generated model stands in when the default id cannot be downloaded
@@ -68,7 +71,7 @@ class Options:
     image: str = DEFAULT_IMAGE
     images: tuple[str, ...] = ()  # parity images (files); empty: ``image`` alone
     image_dirs: tuple[str, ...] = ()  # folders whose images join the parity run
-    size: str | None = None  # auto, N (short side) or HxW; None: the file's own, else auto
+    size: str | None = None  # auto, N (short side) or HxW; None: the file's own, else DEFAULT_SIZES
     sizes: tuple[str, ...] = ()  # several sizes for a dynamic file (each as --size)
     alphas: str | None = None  # folder of ground-truth alpha mattes, matched by file stem
     layerwise: bool = False  # layer-by-layer comparison (also run once when parity fails)
@@ -151,8 +154,9 @@ class Analysis:
 def _cases(opts: Options, facts: GraphFacts, say: _Steps) -> list[Case]:
     inp = facts.inputs[0]
     fixed = (int(inp.shape[2]), int(inp.shape[3])) if inp.is_static else None
-    specs = [parse_size_spec(s) for s in (opts.sizes or ([opts.size] if opts.size else []))]
-    if fixed is not None and specs:
+    given = opts.sizes or ([opts.size] if opts.size else [])
+    specs = [parse_size_spec(s) for s in (given or (DEFAULT_SIZES if fixed is None else []))]
+    if fixed is not None and given:
         say.detail(f"note: the file's input is fixed at {fixed[0]}x{fixed[1]}; --size/--sizes apply to dynamic "
                    "files only")
     paths = list_images(opts.images or ([] if opts.image_dirs else [opts.image]), opts.image_dirs)
@@ -387,7 +391,7 @@ def _model_info(src: ModelSource, arch: ArchReport, conversion: Conversion) -> M
         num_weight_tensors=arch.num_weight_tensors, num_parameters=arch.num_parameters,
         input_shape=list(arch.input.shape), input_name=r.input_name, output_name=r.output_name,
         static_input=arch.static_input, gmacs=round(arch.macs / 1e9, 3), method=src.method,
-        warning=src.warning, download_attempts=list(src.attempts),
+        warning=src.warning, download_attempts=list(src.attempts), package=src.package, member=src.member,
     )
 
 

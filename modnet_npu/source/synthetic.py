@@ -1,18 +1,25 @@
 """MODNet ONNX files made from this project's own model with seeded weights.
 
-The real ``onnx-community/modnet-webnn`` file cannot be downloaded on machines
-without internet, so tests (and the main command, as a loudly announced
-fallback) use files exported here. Their weights are seeded and their BatchNorm
-statistics deliberately non-trivial (a converter that ignored running mean or
-variance would fail parity). They come in the flavours real copies come in
-(README, *The converter*):
+Tests use files exported here for the structure of every kind of copy, and the
+main command uses one as its loudly announced last resort when the real
+``onnx-community/modnet-webnn`` file can be had from no source at all. Their
+weights are seeded and their BatchNorm statistics deliberately non-trivial (a
+converter that ignored running mean or variance would fail parity). They come
+in the flavours real copies come in (README, *The converter*):
 
 =============  ==============================================================
 flavour        what it imitates
 =============  ==============================================================
-webnn          ``modnet-webnn``: static [1,3,256,256], opset 13, names kept,
-               InstanceNormalization nodes, backbone BatchNorm folded
-official       the official export: dynamic batch/height/width, opset 11
+official       the official export, which is what ``modnet-webnn``'s
+               ``onnx/model.onnx`` is: opset 11, dynamic
+               [batch_size,3,height,width], ``input``/``output``, the SE
+               block's Shape/Gather/Reshape/Expand chain, Resize scales as
+               initializers, Clip bounds, Slice indices and InstanceNorm
+               scale/bias as ``Constant`` nodes: 215 initializers and 241
+               ``Constant`` nodes, as in the real file. The fallback's flavour.
+webnn          a static re-export: [1,3,256,256], opset 13, names kept,
+               InstanceNormalization nodes, backbone BatchNorm folded (the
+               layout this project once assumed the real file had)
 opset17        TorchScript exporter at opset 17, InstanceNorm as mean/var ops
 dynamo         the dynamo exporter (opset 18): Gemm, decomposed variance
 simplified     the official export after onnxslim (constants folded)
@@ -43,7 +50,7 @@ from onnx import helper, numpy_helper
 
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
-from modnet_npu.model.modnet import MODNet, IBNorm, INSTANCE_NORM_EPS
+from modnet_npu.model.modnet import MODNet, IBNorm, INSTANCE_NORM_EPS, SEBlock
 
 DEFAULT_SEED = 0
 STATIC_SIZE = 256
@@ -102,13 +109,40 @@ def official_instance_norm() -> Iterator[None]:
         IBNorm.forward = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def official_se_block() -> Iterator[None]:
+    """Export the SE block the way the official code writes it.
+
+    The official ``SEBlock.forward`` reads ``b, c`` from ``x.size()`` and uses
+    ``view`` and ``expand_as``; exported, that is the Shape/Gather/Unsqueeze/
+    Concat/Reshape/Expand chain the real file carries, which a converter must
+    follow. The project's model writes the same maths as ``flatten`` and indexing.
+    """
+    original = SEBlock.forward
+
+    def forward(self: SEBlock, x: torch.Tensor) -> torch.Tensor:
+        b, c, _, _ = x.size()
+        w = self.pool(x).view(b, c)
+        w = self.fc(w).view(b, c, 1, 1)
+        return x * w.expand_as(x)
+
+    SEBlock.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SEBlock.forward = original  # type: ignore[method-assign]
+
+
 def _torchscript_export(
-    model: MODNet, path: str, opset: int, dynamic: bool, official_in: bool
+    model: MODNet, path: str, opset: int, dynamic: bool, official_in: bool, official_se: bool = False
 ) -> None:
     dummy = torch.randn(1, 3, STATIC_SIZE, STATIC_SIZE, generator=torch.Generator().manual_seed(1))
     axes = {0: "batch_size", 2: "height", 3: "width"}
-    ctx = official_instance_norm() if official_in else contextlib.nullcontext()
-    with ctx, warnings.catch_warnings():
+    with contextlib.ExitStack() as ctx, warnings.catch_warnings():
+        if official_in:
+            ctx.enter_context(official_instance_norm())
+        if official_se:
+            ctx.enter_context(official_se_block())
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -121,6 +155,34 @@ def _torchscript_export(
             do_constant_folding=True,
             dynamo=False,
         )
+
+
+def folded_constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Constant`` nodes feeding a Resize's scales or a Concat, stored as initializers instead.
+
+    Where the PyTorch 1.7 exporter (the real file's producer) kept those folded
+    values: its file holds the 9 Resize scales and the SE block's two ``[1]``
+    shape pieces as initializers and every other constant as a node. Today's
+    exporter writes them all as nodes; this moves them back.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    wanted = {n.input[2] for n in graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    wanted |= {i for n in graph.node if n.op_type == "Concat" for i in n.input}
+    moved, nodes = [], []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in wanted and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            moved.append(tensor)
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(moved)
+    return out
 
 
 def _dynamo_export(model: MODNet, path: str) -> None:
@@ -272,8 +334,11 @@ FLAVOURS: tuple[str, ...] = (
 )
 
 
-# what each flavour imports beyond torch and onnx; "webnn", the flavour the
-# pipeline's fallback uses, needs nothing outside requirements.txt
+# the flavour resolve.synthetic_fallback generates: the real file's layout
+FALLBACK_FLAVOUR = "official"
+
+# what each flavour imports beyond torch and onnx; FALLBACK_FLAVOUR (and "webnn")
+# need nothing outside requirements.txt
 FLAVOUR_PACKAGES: dict[str, tuple[str, ...]] = {
     "dynamo": ("onnxscript",),  # torch.onnx's dynamo exporter
     "simplified": ("onnxslim",),
@@ -313,6 +378,12 @@ def check_flavours(flavours: Sequence[str]) -> None:
                                   "(or pip install -r requirements-dev.txt); nothing was written")
 
 
+def _official_export(model: MODNet, path: str) -> None:
+    """The official export's layout (see the module's table): opset 11, dynamic, its SE block and constants."""
+    _torchscript_export(model, path, 11, True, True, official_se=True)
+    _save(folded_constants_as_initializers(onnx.load(path)), path)
+
+
 def export_flavour(model: MODNet, flavour: str, path: str, workdir: str) -> str:
     """Write ``model`` as one flavour of MODNet ONNX file to ``path``."""
 
@@ -322,7 +393,7 @@ def export_flavour(model: MODNet, flavour: str, path: str, workdir: str) -> str:
             maker(p)
         return p
 
-    official = lambda: base("official", lambda p: _torchscript_export(model, p, 11, True, True))  # noqa: E731
+    official = lambda: base("official", lambda p: _official_export(model, p))  # noqa: E731
     webnn = lambda: base("webnn", lambda p: _torchscript_export(model, p, 13, False, True))  # noqa: E731
     if flavour == "webnn":
         _save(onnx.load(webnn()), path)

@@ -1,0 +1,373 @@
+"""Every quality claim, measured on the real MODNet weights: the ``precision`` suite.
+
+Three sections, each a function returning frozen rows, and :func:`run_suite`
+that runs the ones asked for and writes ``precision_suite.json`` and
+``precision_suite.md`` (the tables of docs/REAL_MODEL.md):
+
+* ``precision`` (:func:`measure_precision`): half precision against ONNX Runtime
+  fp32 on the portrait: the decoder only (the optimized form, backbone and SE
+  block kept in fp32, what ``--precision`` runs) and the whole model (the
+  faithful form cast whole), fp16 and bf16, at 256x256, 512x512 and at the
+  official rule's size of a 1000x750 photo (the portrait resized: 512x672).
+* ``demos`` (:func:`compare_demos`): the project's end-to-end 8-bit matte
+  against MODNet's two official demos (:mod:`official_demo`), and the demos
+  against each other, for the portrait resized to photos from 2000x1500 down to
+  200x150 (shrunk and grown to the model's input).
+* ``layers`` (:func:`check_layers`): the layer-by-layer comparison without a
+  fault (worst relative and local errors against each precision's threshold)
+  and with one weight tensor scaled by 1.01 (where the first divergence lands).
+
+Plus :func:`write_golden` (the test suite's golden mattes) and
+:func:`golden_agreement` (how a matte agrees with one).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from modnet_npu import DEFAULT_IMAGE
+from modnet_npu.fileio import write_bytes, write_image, write_json
+from modnet_npu.matting.imaging import Size, load_image, matte_to_size, model_input, official_size, to_uint8
+
+Log = Callable[[str], None]
+SECTIONS = ("precision", "demos", "layers")
+# the official rule's case: a photo of this size (width x height), the portrait resized with Lanczos
+RULE_PHOTO = (1000, 750)
+DEMO_PHOTOS = ((2000, 1500), (1000, 750), (750, 1000), (640, 480), (512, 512), (400, 300), (300, 400), (200, 150))
+GOLDEN_SIZES: tuple[Size, ...] = ((256, 256), (512, 512))
+PARTS = {"decoder": "optimized", "whole": "faithful"}  # what runs in half precision -> the model form
+FAULT_LAYERS = ("hr_branch.conv_hr4x.0.layers.0", "backbone.model.features.5.conv.3")
+
+
+def photo(image: str, size: tuple[int, int] | None) -> np.ndarray:
+    """The image as uint8 RGB, resized (Lanczos) to ``size`` = (width, height) when given."""
+    from PIL import Image
+
+    rgb = load_image(image)
+    if size is None or (rgb.shape[1], rgb.shape[0]) == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(tuple(size), Image.Resampling.LANCZOS))
+
+
+def precision_cases(image: str = DEFAULT_IMAGE) -> list[tuple[str, np.ndarray]]:
+    """(label, model input [1, 3, h, w]) for 256x256, 512x512 and the official rule's size."""
+    rgb = photo(image, None)
+    rule = photo(image, RULE_PHOTO)
+    rule_size = official_size(*rule.shape[:2])
+    return [("256x256", model_input(rgb, (256, 256))[None]), ("512x512", model_input(rgb, (512, 512))[None]),
+            (f"rule {rule_size[0]}x{rule_size[1]} ({RULE_PHOTO[0]}x{RULE_PHOTO[1]} photo)",
+             model_input(rule, rule_size)[None])]
+
+
+def _torch_engine(model_path: str, form: str, precision: str, device: str, threads: int):
+    from modnet_npu.conversion.convert import convert
+    from modnet_npu.model.optimized import optimize
+    from modnet_npu.runtime import devices
+    from modnet_npu.runtime.engines import TorchEngine
+
+    model = convert(model_path).model
+    model = optimize(model) if form == "optimized" else model
+    return TorchEngine(model, devices.select_device(device), precision=precision, strict_fp32=True, threads=threads)
+
+
+# --------------------------------------------------------------------------
+# half precision against ONNX Runtime fp32
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionRow:
+    part: str  # "decoder" (optimized form) or "whole" (faithful form)
+    precision: str
+    case: str
+    mae: float
+    max_error: float
+    pct_over_one_level: float  # % of pixels whose |error| > 1/255
+    seconds: float  # one forward, wall time (a busy machine's)
+
+
+def errors(matte: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """MAE, max and % of pixels over one 8-bit level between two float mattes."""
+    d = np.abs(np.asarray(matte, np.float64) - np.asarray(reference, np.float64))
+    return float(d.mean()), float(d.max()), float(100.0 * (d > 1.0 / 255.0).mean())
+
+
+def measure_precision(model_path: str, *, image: str = DEFAULT_IMAGE, precisions: Sequence[str] = ("fp16", "bf16"),
+                      parts: Sequence[str] = tuple(PARTS), device: str = "cpu", threads: int = 0,
+                      log: Log = print) -> tuple[PrecisionRow, ...]:
+    """Each part in each precision on each case, against ONNX Runtime fp32 on the CPU."""
+    from modnet_npu.runtime.engines import OrtEngine
+
+    cases = precision_cases(image)
+    ort = OrtEngine(model_path, threads=threads)
+    refs = {label: ort.infer(x) for label, x in cases}
+    rows = []
+    for part in parts:
+        for precision in precisions:
+            engine = _torch_engine(model_path, PARTS[part], precision, device, threads)
+            try:
+                for label, x in cases:
+                    start = time.perf_counter()
+                    out = engine.infer(x)
+                    row = PrecisionRow(part, precision, label, *errors(out, refs[label]), time.perf_counter() - start)
+                    log(f"{part} {precision} {label}: MAE {row.mae:.2g}, max {row.max_error:.2g}, "
+                        f"{row.pct_over_one_level:.2f}% over one level ({row.seconds:.1f} s)")
+                    rows.append(row)
+            finally:
+                engine.close()
+    return tuple(rows)
+
+
+def precision_table(rows: Sequence[PrecisionRow]) -> str:
+    lines = ["| half precision in | precision | input | MAE | max | pixels over one level |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        part = "decoder only (backbone fp32)" if r.part == "decoder" else "whole model"
+        lines.append(f"| {part} | {r.precision} | {r.case} | {r.mae:.2g} | {r.max_error:.2g} | "
+                     f"{r.pct_over_one_level:.2f}% |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# the official demos
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    photo: tuple[int, int]  # width, height
+    model_size: Size
+    pair: str  # "project vs ONNX demo", "project vs PyTorch demo", "ONNX demo vs PyTorch demo"
+    iou: float
+    mae: float
+    max_error: float
+    pct_over_one_level: float
+    pct_over_two_levels: float
+
+
+def project_matte(rgb: np.ndarray, infer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The project's 8-bit matte as ``inference.py --mode matte`` writes it (size auto, the same steps)."""
+    size = official_size(*rgb.shape[:2])
+    return to_uint8(matte_to_size(infer(model_input(rgb, size)[None]), rgb.shape[:2]))
+
+
+def compare_demos(model_path: str, *, image: str = DEFAULT_IMAGE, photos: Sequence[tuple[int, int]] = DEMO_PHOTOS,
+                  threads: int = 0, log: Log = print) -> tuple[DemoRow, ...]:
+    """The project, the ONNX demo and the PyTorch demo, all three on ONNX Runtime, pair by pair."""
+    from modnet_npu.bench.official_demo import agreement, onnx_demo_matte, pytorch_demo_matte
+    from modnet_npu.runtime.engines import OrtEngine
+
+    ort = OrtEngine(model_path, threads=threads)
+    rows = []
+    for wh in photos:
+        rgb = photo(image, wh)
+        ours, onnx_demo = project_matte(rgb, ort.run), onnx_demo_matte(rgb, ort.run)
+        torch_demo = pytorch_demo_matte(rgb, ort.run)
+        pairs = {"project vs ONNX demo": (ours, onnx_demo), "project vs PyTorch demo": (ours, torch_demo),
+                 "ONNX demo vs PyTorch demo": (onnx_demo, torch_demo)}
+        for pair, (a, b) in pairs.items():
+            g = agreement(a, b)
+            rows.append(DemoRow(tuple(wh), official_size(*rgb.shape[:2]), pair, g.iou, g.mae, g.max_error,
+                                g.pct_over_one_level, g.pct_over_two_levels))
+        log(f"{wh[0]}x{wh[1]}: " + "; ".join(f"{r.pair}: IoU {r.iou:.4f}, MAE {r.mae:.4f}, "
+                                              f">1 level {r.pct_over_one_level:.2f}%" for r in rows[-3:]))
+    return tuple(rows)
+
+
+def demo_table(rows: Sequence[DemoRow]) -> str:
+    lines = ["| photo (w x h) | model input | pair | IoU at 0.5 | MAE | pixels > 1 level | > 2 levels | max |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.photo[0]}x{r.photo[1]} | {r.model_size[0]}x{r.model_size[1]} | {r.pair} | {r.iou:.4f} | "
+                     f"{r.mae:.4f} | {r.pct_over_one_level:.2f}% | {r.pct_over_two_levels:.2f}% | "
+                     f"{r.max_error:.2f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# layer by layer
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCheckRow:
+    form: str
+    precision: str
+    fault: str | None  # the layer whose weight was scaled by 1.01, or None
+    threshold: float
+    first_divergence: str | None
+    worst_local: str | None
+    max_rel: float  # the largest relative (inherited) error of any row
+    max_local_rel: float  # the largest relative local error of any row
+    matte_rel: float
+    layers_compared: int
+
+
+def _layer_model(model_path: str, form: str, fault: str | None):
+    import torch
+
+    from modnet_npu.conversion.convert import convert
+    from modnet_npu.model.optimized import optimize
+    from modnet_npu.proof.layerwise import fast_module_name
+
+    faithful = convert(model_path).model
+    model = optimize(faithful) if form == "optimized" else faithful
+    if fault is not None:
+        name = fast_module_name(faithful, fault) + ".conv" if form == "optimized" else fault
+        with torch.no_grad():
+            model.get_submodule(name).weight.mul_(1.01)
+    return model
+
+
+def check_layers(model_path: str, *, image: str = DEFAULT_IMAGE, size: Size = (256, 256),
+                 runs: Sequence[tuple[str, str, str | None]] = (
+                     ("optimized", "fp32", None), ("faithful", "fp32", None), ("optimized", "fp16", None),
+                     ("optimized", "bf16", None), ("faithful", "fp16", None), ("faithful", "bf16", None),
+                     *(("optimized", "fp32", f) for f in FAULT_LAYERS)),
+                 log: Log = print) -> tuple[LayerCheckRow, ...]:
+    """:func:`layerwise.compare_layers` for each (form, precision, faulty layer or None)."""
+    from modnet_npu.model.optimized import with_precision
+    from modnet_npu.proof.layerwise import compare_layers
+
+    x = model_input(photo(image, None), size)[None]
+    rows = []
+    for form, precision, fault in runs:
+        model, _ = with_precision(_layer_model(model_path, form, fault), precision)
+        rep = compare_layers(model_path, model, x, precision=precision)
+        row = LayerCheckRow(form, precision, fault, rep.threshold, rep.first_divergence, rep.worst_local,
+                            max(r.rel for r in rep.rows), max(r.local_rel for r in rep.rows), rep.rows[-1].rel,
+                            rep.layers_compared)
+        log(f"{form} {precision} fault={fault}: first divergence {row.first_divergence}, worst local "
+            f"{row.worst_local}, max rel {row.max_rel:.2g}, max local {row.max_local_rel:.2g}")
+        rows.append(row)
+    return tuple(rows)
+
+
+def fault_example(model_path: str, output_dir: str | None = None, *, image: str = DEFAULT_IMAGE,
+                  size: Size = (256, 256), layer: str = FAULT_LAYERS[0]):
+    """The README's example on real weights: the faithful model with ``layer``'s weight x1.01.
+
+    Returns the report; with ``output_dir``, writes ``layerwise_fault.png`` and ``layerwise_fault.json``.
+    """
+    from modnet_npu.proof.layerwise import compare_layers, layerwise_figure
+
+    rep = compare_layers(model_path, _layer_model(model_path, "faithful", layer), model_input(photo(image, None),
+                                                                                              size)[None])
+    if output_dir is not None:
+        layerwise_figure(rep, os.path.join(output_dir, "layerwise_fault.png"))
+        write_json(os.path.join(output_dir, "layerwise_fault.json"), rep.to_dict())
+    return rep
+
+
+def layer_table(rows: Sequence[LayerCheckRow]) -> str:
+    lines = ["| form | precision | fault (weight x1.01) | threshold | first divergence | worst local | max rel | "
+             "max local rel | matte rel | rows |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.form} | {r.precision} | {r.fault or 'none'} | {r.threshold:g} | "
+                     f"{r.first_divergence or 'none'} | {r.worst_local} | {r.max_rel:.2g} | {r.max_local_rel:.2g} | "
+                     f"{r.matte_rel:.2g} | {r.layers_compared} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# golden mattes
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GoldenAgreement:
+    """A float matte against a golden 8-bit one: ``d = |255 * matte - golden|`` in levels."""
+
+    max_d: float  # the float matte's largest distance from the golden level
+    mae: float  # mean |round(255 * matte) - golden| / 255
+    pct_over_one_level: float  # % of pixels whose rounded level is more than one from the golden
+    max_level_error: int  # largest |round(255 * matte) - golden|
+
+
+def golden_agreement(matte: np.ndarray, golden: np.ndarray) -> GoldenAgreement:
+    m = np.asarray(matte, np.float64).reshape(golden.shape)
+    d = np.abs(255.0 * m - golden.astype(np.float64))
+    levels = np.abs(to_uint8(m).astype(np.int16) - golden.astype(np.int16))
+    return GoldenAgreement(float(d.max()), float(levels.mean() / 255.0), float(100.0 * (levels > 1).mean()),
+                           int(levels.max()))
+
+
+def golden_name(size: Size) -> str:
+    return f"portrait_{size[0]}x{size[1]}_ort.png"
+
+
+def write_golden(model_path: str, out_dir: str, *, image: str = DEFAULT_IMAGE,
+                 sizes: Sequence[Size] = GOLDEN_SIZES) -> list[str]:
+    """The portrait at each size through ONNX Runtime fp32, written as 8-bit PNG mattes; their paths."""
+    from PIL import Image
+
+    from modnet_npu.runtime.engines import OrtEngine
+
+    ort, rgb, paths = OrtEngine(model_path, threads=0), photo(image, None), []
+    for size in sizes:
+        path = os.path.join(out_dir, golden_name(size))
+        write_image(path, Image.fromarray(to_uint8(ort.infer(model_input(rgb, size)[None])[0])), optimize=True)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------
+# the suite
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    model: str
+    sha256: str
+    precision: tuple[PrecisionRow, ...]
+    demos: tuple[DemoRow, ...]
+    layers: tuple[LayerCheckRow, ...]
+    fault_table: str  # the ten worst rows of :func:`fault_example` ("" when the layers section did not run)
+    seconds: float
+
+    def markdown(self) -> str:
+        parts = [f"Model: `{self.model}` (sha256 `{self.sha256}`)"]
+        for title, rows, table in (("Half precision against ONNX Runtime fp32", self.precision, precision_table),
+                                   ("The official demos", self.demos, demo_table),
+                                   ("Layer by layer", self.layers, layer_table)):
+            if rows:
+                parts.append(f"## {title}\n\n{table(rows)}")
+        if self.fault_table:
+            parts.append(f"## A wrong weight (x1.01), faithful form, 256x256: the ten worst rows\n\n{self.fault_table}")
+        return "\n\n".join(parts) + "\n"
+
+
+def run_suite(model: str | None = None, *, output_dir: str | None = None, sections: Sequence[str] = SECTIONS,
+              image: str = DEFAULT_IMAGE, device: str = "cpu", threads: int = 0, models_dir: str | None = None,
+              log: Log = print) -> SuiteResult:
+    """Resolve the model (the real file by default: never the generated one), run ``sections``, write them.
+
+    ``output_dir``: where ``precision_suite.json``, ``precision_suite.md`` and (layers)
+    ``layerwise_fault.png``/``.json`` go (None: not written). ModelSourceError when the
+    model cannot be had, ValueError for an unknown section.
+    """
+    from modnet_npu.source.resolve import DEFAULT_MODEL_ID, DEFAULT_MODELS_DIR, resolve_model
+
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    start = time.perf_counter()
+    src = resolve_model(model or DEFAULT_MODEL_ID, models_dir or DEFAULT_MODELS_DIR, log=log)
+    result = SuiteResult(
+        src.path, src.sha256,
+        measure_precision(src.path, image=image, device=device, threads=threads, log=log)
+        if "precision" in sections else (),
+        compare_demos(src.path, image=image, threads=threads, log=log) if "demos" in sections else (),
+        check_layers(src.path, image=image, log=log) if "layers" in sections else (),
+        fault_example(src.path, output_dir, image=image).worst_table(10) if "layers" in sections else "",
+        time.perf_counter() - start,
+    )
+    if output_dir is not None:
+        write_json(os.path.join(output_dir, "precision_suite.json"), {"suite": "precision", **asdict(result)})
+        write_bytes(os.path.join(output_dir, "precision_suite.md"), result.markdown().encode("utf-8"))
+    return result
