@@ -212,12 +212,12 @@ def _layer_model(model_path: str, form: str, fault: str | None):
 
     from modnet_npu.conversion.convert import convert
     from modnet_npu.model.optimized import optimize
-    from modnet_npu.proof.layerwise import fast_module_name
+    from modnet_npu.proof.layerwise import optimized_module_name
 
     faithful = convert(model_path).model
     model = optimize(faithful) if form == "optimized" else faithful
     if fault is not None:
-        name = fast_module_name(faithful, fault) + ".conv" if form == "optimized" else fault
+        name = optimized_module_name(faithful, fault) + ".conv" if form == "optimized" else fault
         with torch.no_grad():
             model.get_submodule(name).weight.mul_(1.01)
     return model

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from modnet_npu.fileio import atomic_path
-from modnet_npu.source.resolve import DEFAULT_MODEL_ID, MODEL_FILE, ChecksumError, ModelSourceError
+from modnet_npu.source.ids import DEFAULT_MODEL_ID, MODEL_FILE, ChecksumError, ModelSourceError
 
 # the whole pip run, download included (42 MB at 100 kB/s takes ~7 minutes); pip's
 # own per-connection time-out and retries come from the user's pip configuration

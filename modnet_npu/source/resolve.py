@@ -31,11 +31,10 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from modnet_npu import REPO_ROOT
+from modnet_npu.source.ids import (DEFAULT_MODEL_ID, MODEL_FILE, ChecksumError,  # noqa: F401  (re-exported)
+                                   ModelSourceError)
 from modnet_npu.fileio import STALE_AFTER_S, atomic_path, clean_stale_parts
-from modnet_npu.errors import ModnetError
 
-DEFAULT_MODEL_ID = "onnx-community/modnet-webnn"
-MODEL_FILE = "onnx/model.onnx"
 KNOWN_SHA256 = {
     (DEFAULT_MODEL_ID, MODEL_FILE): "07c308cf0fc7e6e8b2065a12ed7fc07e1de8febb7dc7839d7b7f15dd66584df9",
 }
@@ -47,18 +46,6 @@ SYNTHETIC_WARNING = (
     "random weights is used: the pipeline is fully exercised, but its mattes are not "
     "meaningful portraits"
 )
-
-
-class ModelSourceError(ModnetError, RuntimeError):
-    """The model could not be found, downloaded or verified; the message says which."""
-
-    def __init__(self, message: str, attempts: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.attempts = attempts
-
-
-class ChecksumError(ModelSourceError):
-    """A file whose sha256 is not the one expected: final, never retried or replaced."""
 
 
 class TransferError(ModelSourceError):
