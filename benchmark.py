@@ -466,9 +466,10 @@ def format_busy(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "peers", "probe"],
+    p.add_argument("suite", choices=["batch", "engines", "busy", "serve", "ray", "peers", "precision", "probe"],
                    help="what to measure (probe: one process of the busy suite; peers: rembg and OpenVINO beside "
-                        "ours, with options of its own: benchmark.py peers --help)")
+                        "ours; precision: the real-weight quality figures; these two have options of their own: "
+                        "benchmark.py peers --help)")
     p.add_argument("--model", default=None, help="ONNX file (default: the generated model)")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the picture benchmarked")
     p.add_argument("--count", type=int, default=16, help="batch and ray suites: images in the folder")
@@ -521,6 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from modnet_npu.bench.peers_suite import main as peers_main
 
         return peers_main(args[1:])
+    if args[:1] == ["precision"]:  # half precision, demos, layer by layer on the real model (precision_suite)
+        from modnet_npu.bench.precision_suite import main as precision_main
+
+        return precision_main(args[1:])
     return run_command(build_parser(), lambda args: _main(args, argv), argv)
 
 

@@ -371,3 +371,37 @@ def run_suite(model: str | None = None, *, output_dir: str | None = None, sectio
         write_json(os.path.join(output_dir, "precision_suite.json"), {"suite": "precision", **asdict(result)})
         write_bytes(os.path.join(output_dir, "precision_suite.md"), result.markdown().encode("utf-8"))
     return result
+
+
+def build_parser(prog: str = "python3 benchmark.py precision"):
+    """``benchmark.py precision``: the real-weight quality figures of docs/REAL_MODEL.md."""
+    from modnet_npu.cli import Parser
+
+    p = Parser(prog=prog, description="Half precision, the official demos and layer by layer, on the real model.")
+    p.add_argument("--model", default=None, help="ONNX file or model id (default: the real model, never the generated one)")
+    p.add_argument("--models-dir", default=None, help="download cache (default: models/)")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="the photo")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="which sections: " + ", ".join(SECTIONS))
+    p.add_argument("--device", default="cpu", help="the PyTorch side's device for the precision section")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = automatic)")
+    p.add_argument("--output-dir", default="output/precision", help="where precision_suite.json/.md go")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the sections, print the tables (markdown), write them."""
+    from modnet_npu.cli import run_command
+
+    def body(args) -> int:
+        from modnet_npu.errors import UsageError
+
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown or not sections:
+            raise UsageError(f"--sections: choose from {', '.join(SECTIONS)}, comma-separated")
+        result = run_suite(args.model, output_dir=args.output_dir, sections=sections, image=args.image,
+                           device=args.device, threads=args.threads, models_dir=args.models_dir)
+        print(result.markdown())
+        return 0
+
+    return run_command(build_parser(), body, argv)
