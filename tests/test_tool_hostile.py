@@ -282,7 +282,8 @@ def test_the_printed_psnr_says_what_the_json_says():
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("long") / "long.mp4"
-    make_video(path, frames=240)
+    # long enough that the signal lands mid-video on a quiet machine too (240 frames could finish first)
+    make_video(path, frames=2400)
     return path
 
 
