@@ -21,6 +21,7 @@ from conftest import PORTRAIT, seed_synthetic_cache
 from modnet_npu.service.child import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
+REAL_MODEL = os.environ.get("MODNET_SCREENSHOT_MODEL")  # the README's screenshot: served with the real model
 CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1100"]
@@ -50,13 +51,15 @@ def _start_chrome(options):
 
 @pytest.fixture(scope="module")
 def page_server(flavour_files, tmp_path_factory):
-    """serve.py as an offline machine runs it: the generated model, with its warning."""
+    """serve.py as an offline machine runs it: the generated model, with its warning (or, for the README's
+    screenshot, the real model file named by MODNET_SCREENSHOT_MODEL)."""
     _require_browser()
     models = tmp_path_factory.mktemp("models")
     seed_synthetic_cache(models, flavour_files)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = ["--models-dir", str(models), "--offline", "--allow-synthetic", "--backend", "torch", "--device", "cpu",
-            "--size", "256", "--threads", "1"]
+    model = ["--model", REAL_MODEL] if REAL_MODEL else ["--offline", "--allow-synthetic"]
+    args = ["--models-dir", str(models), *model, "--backend", "torch", "--device", "cpu", "--size", "256",
+            "--threads", "1"]
     with ServerProcess(args, log_path=str(log)) as proc:
         yield proc
 
@@ -178,7 +181,10 @@ def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path)
     driver.get(page_server.url + "/")
     _wait(driver, lambda d: "torch on cpu" in d.find_element(By.ID, "server-info").text, "the server's engine")
     warning = driver.find_element(By.ID, "warning")
-    assert warning.is_displayed() and "GENERATED" in warning.text  # the synthetic model is announced
+    if REAL_MODEL:
+        assert not warning.is_displayed()  # a real model file: nothing to announce
+    else:
+        assert warning.is_displayed() and "GENERATED" in warning.text  # the synthetic model is announced
 
     driver.find_element(By.ID, "file").send_keys(str(PORTRAIT))
     _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", "the results")
