@@ -197,8 +197,15 @@ TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
 
 SLOW_TESTS: dict[str, tuple[str, ...]] = {
     "test_acceleration.py": ("test_batch_parallel_gives_the_same_result", "test_compiled_package_is_cached_and_reused",
-                             "test_modnet_compiled_through_the_runner_matches_eager"),
-    "test_benchmark.py": ("test_busy_suite_smoke", "test_engines_suite_smoke"),
+                             "test_modnet_compiled_through_the_runner_matches_eager",
+                             "test_a_package_that_cannot_be_loaded_is_compiled_again_said_in_one_line",
+                             "test_a_failed_compilation_is_one_line"),
+    "test_routes.py": ("test_three_routes_side_by_side",),
+    "test_tool_hostile.py": ("test_an_image_too_large_for_the_memory_fails_alone",
+                             "test_a_signal_during_a_video_cleans_up_like_ctrl_c",
+                             "test_endless_stdin_ends_in_one_line_under_a_memory_cap"),
+    "test_benchmark.py": ("test_busy_suite_smoke", "test_engines_suite_smoke",
+                          "test_engines_suite_on_a_device_runs_every_size_and_leaves_the_models_where_they_were"),
     "test_convert_onnx_to_torch.py": ("test_cli_writes_a_strict_loadable_state_dict",),
     "test_imaging.py": ("test_background_strip_on_a_big_photo_stays_within_memory",),
     "test_inference.py": ("test_folder_of_mixed_images_with_one_corrupt",
