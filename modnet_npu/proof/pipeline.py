@@ -240,15 +240,16 @@ def _ground_truth(results: list[CaseResult], alphas: str | None) -> list[CaseRes
     return [with_ground_truth(r, str(matched[r.case.path])) for r in results]
 
 
-def _layerwise(opts: Options, src: ModelSource, dev: DeviceSetup, worst: CaseResult, say: _Steps
-               ) -> LayerwiseReport:
+def _layerwise(opts: Options, src: ModelSource, conversion: Conversion, dev: DeviceSetup, worst: CaseResult,
+               say: _Steps) -> LayerwiseReport:
     from modnet_npu.proof.layerwise import compare_layers
 
     why = "asked for" if opts.layerwise else "parity failed"
     say.detail(f"layer-by-layer comparison ({why}) on {os.path.basename(worst.case.path)} "
                f"at {worst.case.size[0]}x{worst.case.size[1]}")
+    # step 2's conversion: the file is not read, analysed and matched a second time
     rep = compare_layers(src.path, dev.engine.model, worst.x, threshold=opts.layer_threshold,
-                         precision=opts.engine.precision)
+                         precision=opts.engine.precision, conversion=conversion)
     say.detail(f"{rep.layers_compared} layers compared; first divergence: {rep.first_divergence or 'none'}; "
                f"worst local error: {rep.worst_local}")
     return rep
@@ -277,8 +278,8 @@ def _bounds(opts: Options) -> Thresholds:
                       opts.max_threshold)
 
 
-def step_parity(opts: Options, src: ModelSource, analysis: Analysis, dev: DeviceSetup, ort: OrtEngine,
-                say: _Steps) -> Parity:
+def step_parity(opts: Options, src: ModelSource, converted: Converted, analysis: Analysis, dev: DeviceSetup,
+                ort: OrtEngine, say: _Steps) -> Parity:
     first = analysis.cases[0]
     subject = os.path.basename(first.path) if len(analysis.cases) == 1 else f"{len(analysis.cases)} cases"
     say.start(f"Parity: ONNX Runtime CPU vs PyTorch {dev.device.type} on {subject}")
@@ -291,7 +292,7 @@ def step_parity(opts: Options, src: ModelSource, analysis: Analysis, dev: Device
     w = summary.worst.floats
     say.detail(f"{'worst: ' if len(results) > 1 else ''}MAE {w.mae:.3g}, max error {w.max_error:.3g}, "
                f"PSNR {w.psnr_db:.1f} dB -> {'PASS' if summary.passed else 'FAIL'}")
-    rep = _layerwise(opts, src, dev, summary.worst, say) if opts.layerwise or not summary.passed else None
+    rep = _layerwise(opts, src, converted.conversion, dev, summary.worst, say) if opts.layerwise or not summary.passed else None
     return Parity(summary, _accuracy(opts, summary, dev, bounds, rep), rep)
 
 
@@ -426,7 +427,7 @@ def run(opts: Options) -> Outcome:
                                     cache_dir=os.path.join(opts.engine.models_dir, ".om-cache"),
                                     threads=opts.engine.threads, log=say.detail)
         ort = OrtEngine(src.path, threads=opts.engine.threads, validate=False)  # converted in step 2
-        parity = step_parity(opts, src, analysis, dev, ort, say)
+        parity = step_parity(opts, src, converted, analysis, dev, ort, say)
         bench = step_benchmark(opts, dev, ort, parity.x, say)
         if opened is not None:
             routed = opened.measure(parity.summary.results, ort=ort, torch_bounds=_bounds(opts),
