@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -221,5 +220,3 @@ class Server:
             self.proc.wait()
 
 
-def our_python() -> str:
-    return sys.executable

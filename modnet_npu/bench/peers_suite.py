@@ -92,7 +92,9 @@ def _engine_set(model: str, threads: int, backends: Sequence[str]) -> dict[str, 
         for p in OV_PRECISIONS:
             engines[f"openvino {p}"] = OpenVinoEngine(model, threads=threads, precision=p)
     if "torch" in backends:
-        engines["torch fp32"] = open_engine("torch", model, device="cpu", threads=threads)
+        from modnet_npu.runtime.options import EngineOptions
+
+        engines["torch fp32"] = open_engine("torch", model, EngineOptions(device="cpu", threads=threads))
     return engines
 
 

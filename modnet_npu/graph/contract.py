@@ -54,7 +54,10 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
 def check_matting_file(path: str | os.PathLike[str]) -> Contract:
     """The file's contract, once it is one MODNet's engines can run; NotAMattingModel naming what differs."""
     path = os.fspath(path)
-    model = load_onnx(path)
+    return _contract_of(load_onnx(path), path)
+
+
+def _contract_of(model: onnx.ModelProto, path: str) -> Contract:
     graph = model.graph
     weights = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in weights]  # old exporters list weights as inputs too
@@ -94,13 +97,15 @@ def check_model(path: str | os.PathLike[str]) -> Contract:
     """
     from modnet_npu.conversion.labels import ConvLabel, LinearLabel
     from modnet_npu.conversion.onnx_units import analyse_onnx
-    from modnet_npu.graph.weights import read_weights
+    from modnet_npu.graph.weights import OnnxWeights
 
-    contract = check_matting_file(path)
-    units = analyse_onnx(read_weights(path)).units
+    path = os.fspath(path)
+    model = load_onnx(path)  # read once: the contract and the units both look at it
+    contract = _contract_of(model, path)
+    units = analyse_onnx(OnnxWeights(model, path)).units
     convs = sum(isinstance(u.label, ConvLabel) for u in units)
     linears = sum(isinstance(u.label, LinearLabel) for u in units)
     if (convs, linears) != (MODNET_CONVOLUTIONS, MODNET_LINEARS):
-        raise NotAMattingModel(f"{os.fspath(path)}: not a MODNet graph: {convs} convolutions and {linears} linear "
+        raise NotAMattingModel(f"{path}: not a MODNet graph: {convs} convolutions and {linears} linear "
                                f"layers, MODNet has {MODNET_CONVOLUTIONS} and {MODNET_LINEARS}")
     return contract

@@ -278,7 +278,7 @@ def _bounds(opts: Options) -> Thresholds:
                       opts.max_threshold)
 
 
-def step_parity(opts: Options, src: ModelSource, converted: Converted, analysis: Analysis, dev: DeviceSetup,
+def step_parity(opts: Options, src: ModelSource, conversion: Conversion, analysis: Analysis, dev: DeviceSetup,
                 ort: OrtEngine, say: _Steps) -> Parity:
     first = analysis.cases[0]
     subject = os.path.basename(first.path) if len(analysis.cases) == 1 else f"{len(analysis.cases)} cases"
@@ -292,7 +292,7 @@ def step_parity(opts: Options, src: ModelSource, converted: Converted, analysis:
     w = summary.worst.floats
     say.detail(f"{'worst: ' if len(results) > 1 else ''}MAE {w.mae:.3g}, max error {w.max_error:.3g}, "
                f"PSNR {w.psnr_db:.1f} dB -> {'PASS' if summary.passed else 'FAIL'}")
-    rep = _layerwise(opts, src, converted.conversion, dev, summary.worst, say) if opts.layerwise or not summary.passed else None
+    rep = _layerwise(opts, src, conversion, dev, summary.worst, say) if opts.layerwise or not summary.passed else None
     return Parity(summary, _accuracy(opts, summary, dev, bounds, rep), rep)
 
 
@@ -427,7 +427,7 @@ def run(opts: Options) -> Outcome:
                                     cache_dir=os.path.join(opts.engine.models_dir, ".om-cache"),
                                     threads=opts.engine.threads, log=say.detail)
         ort = OrtEngine(src.path, threads=opts.engine.threads, validate=False)  # converted in step 2
-        parity = step_parity(opts, src, converted, analysis, dev, ort, say)
+        parity = step_parity(opts, src, converted.conversion, analysis, dev, ort, say)
         bench = step_benchmark(opts, dev, ort, parity.x, say)
         if opened is not None:
             routed = opened.measure(parity.summary.results, ort=ort, torch_bounds=_bounds(opts),

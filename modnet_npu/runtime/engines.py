@@ -367,7 +367,8 @@ def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOpt
         check_cpu_only(backend, options.device)
         from modnet_npu.runtime.openvino_engine import OpenVinoEngine
 
-        return OpenVinoEngine(onnx_path, threads=options.threads, precision=check_precision(options.precision))
+        return OpenVinoEngine(onnx_path, threads=options.threads, precision=check_precision(options.precision),
+                              validate=validate)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from modnet_npu.conversion.convert import build_torch_model_from_onnx

@@ -16,7 +16,6 @@ without them. ``openvino`` itself is imported where used, with an install hint.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
@@ -74,12 +73,13 @@ def _check_contract(model: Any, path: str) -> tuple[list[int | None], str]:
     return dims, model.inputs[0].get_any_name()
 
 
-def _read(core: Any, onnx_path: str) -> Any:
-    """The model, its file checked first by the project's safe ONNX reader (external data included)."""
-    from modnet_npu.graph.contract import check_matting_file
+def _read(core: Any, onnx_path: str, validate: bool) -> Any:
+    """The model, its file checked first (``validate``; off where the caller checked it already) by the
+    project's one model check (``graph.contract.check_model``: safe reader, external data included)."""
+    from modnet_npu.graph.contract import check_model
 
-    # OnnxReadError / NotAMattingModel, one line, for a missing, truncated, hostile or non-MODNet file
-    check_matting_file(onnx_path)
+    if validate:  # OnnxReadError / NotAMattingModel, one line, for a missing, truncated, hostile or non-MODNet file
+        check_model(onnx_path)
     try:
         return core.read_model(onnx_path)
     except Exception as exc:  # OpenVINO's frontend raises plain RuntimeErrors with multi-line text
@@ -93,17 +93,19 @@ class OpenVinoEngine:
     name = "openvino"
 
     def __init__(self, onnx_path: str, *, threads: int = 0, precision: str = "fp32",
-                 pinning: bool | None = None) -> None:
+                 pinning: bool | None = None, validate: bool = True) -> None:
         if precision not in OV_PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} for openvino; choose from {', '.join(OV_PRECISIONS)}")
         ov = _openvino()
         core = ov.Core()
-        model = _read(core, onnx_path)
+        model = _read(core, onnx_path, validate)
         dims, self.input_name = _check_contract(model, onnx_path)
         self.fixed_size = (dims[2], dims[3]) if dims[2] is not None and dims[3] is not None else None
         self.fixed_batch = dims[0]
         self.precision = precision
-        self.threads = threads or (os.cpu_count() or 1)
+        from modnet_npu.runtime.process_setup import effective_threads
+
+        self.threads = effective_threads(threads)  # 0: the CPUs others leave free, as every engine
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision],
                                   "INFERENCE_NUM_THREADS": self.threads,
                                   # one request at a time, all threads on it (the service batches instead)

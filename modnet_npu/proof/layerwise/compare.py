@@ -55,12 +55,6 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.inf
 
 
-def _ratio(num: float, den: float) -> float:
-    if den > 0:
-        return num / den
-    return 0.0 if num == 0 else math.inf
-
-
 def compare_tensors(dev: torch.Tensor, ref: np.ndarray, local: torch.Tensor) -> tuple[float, ...]:
     """(max_abs, mean_abs, rel, cosine, local_max_abs, local_rel) of a device tensor against ORT's.
 
