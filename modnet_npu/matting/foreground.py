@@ -20,6 +20,8 @@ hint. Its kernels are compiled on first use and cached on disk by numba.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ class ForegroundUnavailable(ModnetError, ImportError):
     """``pymatting`` is not installed."""
 
 
+@functools.cache  # asked on every dc request; an install does not appear mid-process
 def available() -> bool:
     """Whether ``pymatting`` can be imported (checked without importing it)."""
     import importlib.util

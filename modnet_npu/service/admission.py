@@ -195,9 +195,6 @@ class Batcher:
         self._wakeup.set()
         return future
 
-    def waiting(self) -> int:
-        return sum(len(items) for items in self.groups.values())
-
     def capacity(self, size: Size) -> int:
         """The most images of model input ``size`` in one forward."""
         if self.max_pixels is None:

@@ -43,7 +43,7 @@ from starlette.requests import ClientDisconnect
 from modnet_npu.matting import foreground
 from modnet_npu.matting.matter import Matter
 from modnet_npu.service.admission import Inferred, Slot
-from modnet_npu.service.codec import check_output, decode_image, parse_multipart, probe_image, render_bytes
+from modnet_npu.service.codec import check_output, decode_probed, parse_multipart, probe_image, render_bytes
 from modnet_npu.service.connections import ConnectionGuard, clip_access_log, quiet_accept_errors
 from modnet_npu.service.core import Service
 from modnet_npu.service.limits import SEND_CHUNK, ApiError, ServiceSettings, clip, first_line
@@ -246,11 +246,11 @@ async def _produce(service: Service, matter: Matter, inp: RequestInput, params: 
         bw, bh = await service.on_io(probe_image, background_data, settings.max_pixels, "background")
         pixels += bw * bh
     await service.admission.reserve(slot, pixels, settings.timeout_s)
-    rgb = await service.on_io(decode_image, data, settings.max_pixels, "image")
+    rgb = await service.on_io(decode_probed, data, "image")  # probed above: its header is not read again
     del data
     background = None
     if background_data is not None:
-        background = await service.on_io(decode_image, background_data, settings.max_pixels, "background")
+        background = await service.on_io(decode_probed, background_data, "background")
     size = service.model_size(matter, params.size, *rgb.shape[:2])
     result = await service.infer(matter, rgb, size, slot)
     payload, ctype = await service.on_io(render_bytes, params, rgb, result.alpha, background)

@@ -47,6 +47,11 @@ def probe_image(data: bytes | bytearray, max_pixels: int, what: str = "image") -
 def decode_image(data: bytes | bytearray, max_pixels: int, what: str = "image") -> np.ndarray:
     """uint8 RGB from encoded bytes, the header checked first (:func:`probe_image`)."""
     probe_image(data, max_pixels, what)
+    return decode_probed(data, what)
+
+
+def decode_probed(data: bytes | bytearray, what: str = "image") -> np.ndarray:
+    """uint8 RGB from encoded bytes whose header :func:`probe_image` has already passed."""
     try:
         return load_image(bytes(data) if isinstance(data, bytearray) else data)
     except ImageReadError as exc:

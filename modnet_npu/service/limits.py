@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from modnet_npu.cli import one_line
+
 MAX_MESSAGE_CHARS = 300  # an error body or log line, whatever was sent
 MAX_SHOWN_CHARS = 40  # a client's value quoted in a message
 MAX_VALUE_CHARS = 8192  # a parameter value (a url may be long; nothing else needs to be)
@@ -116,9 +118,8 @@ def memory_bound(settings: ServiceSettings, base: int = 0) -> MemoryBound:
 
 
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``text`` on one line, cut to ``limit`` characters (an ellipsis says it was cut)."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    """``text`` on one line, cut to ``limit`` characters (an ellipsis says it was cut): ``cli.one_line``."""
+    return one_line(text, limit)
 
 
 def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
