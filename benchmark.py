@@ -48,7 +48,7 @@ import numpy as np
 from modnet_npu.cli import Parser, run_command
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import write_json
-from modnet_npu.proof.timing import NoiseProbe, usable_cpus
+from modnet_npu.proof.timing import NoiseProbe, rotated, usable_cpus
 from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -408,7 +408,7 @@ def suite_busy(model: str, image: str, options: Sequence[str], rounds: int, runs
     runs_out: list[dict] = []
     flags = [x == "busy" for x in loads]
     for r in range(rounds):
-        order = list(options[r % len(options):]) + list(options[: r % len(options)])
+        order = rotated(options, r)
         for busy in (flags if r % 2 == 0 else flags[::-1]):
             idle = wait_until_quiet(wait_quiet_s, log) if wait_quiet_s > 0 else None
             runs_out += _busy_block(order, busy, r, model, image, runs, warmup, idle, log)

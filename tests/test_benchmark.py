@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 import benchmark
 
@@ -100,3 +101,43 @@ def test_engines_suite_on_a_device_runs_every_size_and_leaves_the_models_where_t
         assert {t.device.type for t in model.parameters()} == {"cpu"}, name  # the caller's models stay put
         assert {t.device.type for t in placed[name].parameters()} == {"meta"}
     assert benchmark.on_device(placed, meta)["optimized"] is placed["optimized"]  # no copy where already there
+
+
+def test_the_http_load_driver_counts_failures_and_keeps_its_deadline():
+    import http.server
+    import threading
+    import time
+
+    from modnet_npu.bench import http_load
+
+    seen: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the clients use it
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(body)
+            status = 500 if len(seen) % 3 == 0 else 200  # every third request fails
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/remove"
+        request = http_load.Request(url, b"JPEGBYTES", "photo.jpg", (("model", "u2netp"),), timeout_s=30)
+        load = http_load.drive(request, clients=2, per_client=3)
+        assert load.clients == 2 and load.requests == 6 and load.errors == 2 and len(seen) == 6
+        assert load.rate == pytest.approx(4 / load.seconds) and load.forward_passes is None
+        assert all(b"JPEGBYTES" in body and b'name="model"' in body and b"u2netp" in body for body in seen)
+        late = http_load.drive(request, clients=2, per_client=3, deadline=time.monotonic() - 1)
+        assert late.requests == 0 and len(seen) == 6  # past its deadline: nothing sent
+    finally:
+        server.shutdown()
+        server.server_close()
+

@@ -85,6 +85,14 @@ def test_server_waits_for_ready_reports_memory_and_stops(tmp_path):
         failing.__enter__()
 
 
+def test_a_server_never_ready_is_stopped_and_its_log_named(tmp_path):
+    never = pr.Server([sys.executable, "-c", "import time; print('still\\nwaiting', flush=True); time.sleep(60)"],
+                      pr.free_port(), "/", str(tmp_path / "log"), start_timeout=1)
+    with pytest.raises(TimeoutError, match="not ready after 1 s: still waiting$"):  # the log's end, on one line
+        never.__enter__()
+    assert never.proc.poll() is not None  # stopped, not left running
+
+
 def test_folder_photos_differ(tmp_path):
     from PIL import Image
 

@@ -22,6 +22,15 @@ def test_interleaved_rotates_and_counts():
     assert calls == list("abcabc")
 
 
+def test_rotated_gives_each_contender_every_place_in_turn():
+    names = ("a", "b", "c")
+    orders = [timing.rotated(names, r) for r in range(4)]
+    assert orders == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert all(sorted(o) == list(names) for o in orders)
+    # two contenders: rotation is alternation (the serve suite's batching on/off, round by round)
+    assert [timing.rotated(("on", "off"), r) for r in range(3)] == [["on", "off"], ["off", "on"], ["on", "off"]]
+
+
 @pytest.mark.parametrize("other,cpus,threads,noisy", [
     (0.0, 2, 2, False), (0.3, 2, 2, False), (1.0, 2, 2, True),  # the case: one busy process, 2 cores
     (0.6, 2, 1, True),   # our thread had a core, but the machine was busy

@@ -6,9 +6,10 @@ own: :func:`find_rembg` looks for its executable (``REMBG_BIN``, then
 ``/tmp/venv-rembg/bin/rembg``, then ``PATH``), runs everything of rembg with
 the Python beside it, and finds its model files through ``U2NET_HOME``.
 
-Also here: :class:`Server`, a command serving HTTP on a loopback port (rembg's
-``s`` or ``serve.py``), ready when a path answers 200 and always stopped; and
-:func:`memory_mb`, a process's resident and peak memory.
+Also here: :class:`Server`, a command serving HTTP on a loopback port chosen
+beforehand (rembg's ``s`` or ``serve.py``), ready when a path answers 200 and
+always stopped: the one server harness (``modnet_npu.service.child``) on a
+known port.
 """
 from __future__ import annotations
 
@@ -17,14 +18,12 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from modnet_npu import REPO_ROOT
 from modnet_npu.errors import ModnetError
+from modnet_npu.service.child import ChildServer, http_status
 
 DEFAULT_VENV_BIN = "/tmp/venv-rembg/bin/rembg"
 INSTALL_HINT = ("install rembg 2.0.86 into its own environment (requirements-bench.txt says how) "
@@ -143,80 +142,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def memory_mb(pid: int) -> dict[str, float | None]:
-    """Resident (``VmRSS``) and peak resident (``VmHWM``) memory of a process, MB; None where unreadable."""
-    values: dict[str, float | None] = {"rss_mb": None, "peak_mb": None}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    values["rss_mb" if key == "VmRSS" else "peak_mb"] = int(rest.split()[0]) / 1024.0
-    except OSError:
-        pass
-    return values
+class Server(ChildServer):
+    """``command`` serving on 127.0.0.1:``port``; ready when ``ready_path`` answers 200; stopped on exit
+    (:class:`modnet_npu.service.child.ChildServer`, in a session of its own)."""
 
-
-@dataclass
-class Server:
-    """``command`` serving on 127.0.0.1:``port``; ready when ``ready_path`` answers 200; stopped on exit."""
-
-    command: Sequence[str]
-    port: int
-    ready_path: str
-    log_path: str
-    env: dict[str, str] | None = None
-    start_timeout: float = 300.0
-    proc: subprocess.Popen | None = field(default=None, init=False)
+    def __init__(self, command: Sequence[str], port: int, ready_path: str, log_path: str,
+                 env: dict[str, str] | None = None, start_timeout: float = 300.0) -> None:
+        super().__init__(command, log_path=log_path, env=env, start_timeout=start_timeout, new_session=True)
+        self.port = port
+        self.ready_path = ready_path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "Server":
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(list(self.command), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _log_tail(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return " ".join(fh.read()[-1500:].split())
-
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.command[0]} exited with status {self.proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{' '.join(self.command[:3])} not ready after {self.start_timeout:g} s: {self._log_tail()}")
-
-    def memory(self) -> dict[str, float | None]:
-        return memory_mb(self.proc.pid) if self.proc is not None else {"rss_mb": None, "peak_mb": None}
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
+    def ready(self) -> bool:
+        return http_status(self.url + self.ready_path) == 200

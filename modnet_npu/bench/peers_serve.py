@@ -1,81 +1,50 @@
 """The peers suite's servers: ``rembg s`` against ``serve.py``, the same requests, on 127.0.0.1.
 
 Every server runs at once (idle between its turns); only one is driven at a
-time, the order rotating round by round. Each client is a thread with its own
-keep-alive connection posting the photo to ``POST /api/remove`` with
-``model=<rembg model>`` (rembg's route; ``serve.py`` accepts and ignores
-``model``). Figures: requests per second per server and client count, the
-median over rounds of each round's ratio to rembg, p50 latency, failed
-requests, and resident memory (after one request, after the load, and the peak).
+time, the order rotating round by round (``timing.rotated``). Each client is a
+thread with its own keep-alive connection (:mod:`http_load`) posting the photo
+to ``POST /api/remove`` with ``model=<rembg model>`` (rembg's route;
+``serve.py`` accepts and ignores ``model``); ``serve.py`` runs as the tests run
+it (``service.child.ServerProcess``). Figures: requests per second per server
+and client count, the median over rounds of each round's ratio to rembg, p50
+latency, failed requests, and resident memory (after one request, after the
+load, and the peak).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from modnet_npu import REPO_ROOT
+from modnet_npu.bench import http_load
 from modnet_npu.bench import peers_rembg as pr
+from modnet_npu.bench.http_load import Load, Request
+from modnet_npu.proof.timing import rotated
+from modnet_npu.service.child import ChildServer, ServerProcess
 
 REQUEST_TIMEOUT_S = 600.0
 
 
-@dataclass(frozen=True)
-class Load:
-    requests: int
-    errors: int
-    seconds: float
-    latencies_ms: tuple[float, ...]
-
-    @property
-    def rate(self) -> float:
-        return (self.requests - self.errors) / max(self.seconds, 1e-9)
-
-
-def _client(url: str, image: bytes, fields: dict[str, str], count: int) -> tuple[list[float], int]:
-    import httpx
-
-    latencies, errors = [], 0
-    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
-        for _ in range(count):
-            start = time.perf_counter()
-            r = client.post(url + "/api/remove", files={"file": ("photo.jpg", image, "image/jpeg")}, data=fields)
-            latencies.append((time.perf_counter() - start) * 1000.0)
-            errors += r.status_code != 200
-    return latencies, errors
-
-
 def drive(url: str, image: bytes, fields: dict[str, str], *, clients: int, per_client: int) -> Load:
-    """``clients`` threads posting ``per_client`` requests each, all at once."""
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        parts = list(pool.map(lambda _: _client(url, image, fields, per_client), range(clients)))
-    seconds = time.perf_counter() - start
-    latencies = tuple(ms for lat, _ in parts for ms in lat)
-    return Load(len(latencies), sum(e for _, e in parts), seconds, latencies)
+    """``clients`` threads posting ``per_client`` requests each to rembg's ``POST /api/remove``, all at once."""
+    request = Request(url + "/api/remove", image, "photo.jpg", tuple(fields.items()), REQUEST_TIMEOUT_S)
+    return http_load.drive(request, clients=clients, per_client=per_client)
 
 
 def _servers(model: str, rembg: pr.Rembg | None, rembg_models: Sequence[str], backends: Sequence[str],
-             threads: int, folder: str) -> dict[str, pr.Server]:
-    servers = {}
+             threads: int, folder: str) -> dict[str, ChildServer]:
+    servers: dict[str, ChildServer] = {}
     for m in (rembg_models if rembg else ()):
         port = pr.free_port()
         servers[f"rembg {m}"] = pr.Server([rembg.executable, "s", "--no-ui", "-h", "127.0.0.1", "-p", str(port),
                                            "-l", "warning"], port, "/openapi.json",
                                           os.path.join(folder, f"rembg_{m}.log"), env=rembg.env(threads))
-    ours_env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     for b in backends:
-        port = pr.free_port()
-        servers[f"ours {b}"] = pr.Server([sys.executable, os.path.join(REPO_ROOT, "serve.py"), "--host", "127.0.0.1",
-                                          "--port", str(port), "--model", model, "--backend", b,
-                                          "--threads", str(threads), "--log-level", "warning"],
-                                         port, "/healthz", os.path.join(folder, f"ours_{b}.log"), env=ours_env)
+        servers[f"ours {b}"] = ServerProcess(["--model", model, "--backend", b, "--threads", str(threads),
+                                              "--log-level", "warning"], log_path=os.path.join(folder, f"ours_{b}.log"),
+                                             env={"OMP_NUM_THREADS": str(threads)}, start_timeout=300.0)
     return servers
 
 
@@ -120,8 +89,7 @@ def part_serve(model: str, image: str, rembg: pr.Rembg | None, rembg_models: Seq
         for n in clients:
             loads: dict[str, list[Load]] = {name: [] for name in servers}
             for r in range(rounds):
-                k = r % len(servers)
-                for name in list(servers)[k:] + list(servers)[:k]:
+                for name in rotated(list(servers), r):
                     loads[name].append(drive(servers[name].url, data, fields, clients=n, per_client=per_client))
                     log(f"  serve {n} client(s) round {r + 1}/{rounds} {name}: {loads[name][-1].rate:.2f} req/s")
             results[str(n)] = _summary(loads, reference)

@@ -60,11 +60,6 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def _rotated(names: Sequence[str], r: int) -> list[str]:
-    k = r % len(names)
-    return list(names[k:]) + list(names[:k])
-
-
 def _available_backends(backends: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     from modnet_npu.runtime import openvino_engine
 
@@ -182,11 +177,13 @@ def _whole_process_contenders(model: str, rembg: pr.Rembg | None, s: PeersSettin
 
 
 def _timed_rounds(contenders: dict[str, WholeRun], rounds: int, what: str, log: Log) -> dict[str, list[float]]:
+    from modnet_npu.proof.timing import rotated
+
     seconds: dict[str, list[float]] = {n: [] for n in contenders}
     for name in contenders:  # caches warm (files, numba's compiled kernels, the compile cache), off the clock
         _run_timed(contenders[name])
     for r in range(rounds):
-        for name in _rotated(list(contenders), r):
+        for name in rotated(list(contenders), r):
             seconds[name].append(_run_timed(contenders[name]))
             log(f"  {what} round {r + 1}/{rounds} {name}: {seconds[name][-1]:.2f} s")
     return seconds
@@ -316,6 +313,8 @@ def _agreements(outputs: dict[str, dict[str, str]]) -> list[dict]:
 
 
 def part_images(model: str, image: str, rembg: pr.Rembg | None, s: PeersSettings, log: Log) -> dict:
+    from modnet_npu.service.child import memory_mb
+
     backends, skipped = _available_backends(s.backends)
     with tempfile.TemporaryDirectory() as tmp:
         paths = _sized_images(image, s.sizes, tmp)
@@ -325,7 +324,7 @@ def part_images(model: str, image: str, rembg: pr.Rembg | None, s: PeersSettings
             times, outputs = _time_images(contenders, paths, tmp, s.rounds, log)
             rows = _agreements(outputs)
             memory = {"rembg worker": worker.call(op="rss") if worker else None,
-                      "ours (all engines in one process)": pr.memory_mb(os.getpid())}
+                      "ours (all engines in one process)": memory_mb(os.getpid())}
         finally:
             if worker:
                 worker.close()

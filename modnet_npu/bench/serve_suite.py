@@ -3,11 +3,12 @@
 Two ``serve.py`` servers run side by side on free loopback ports, one batching
 (``--batch-window-ms``, ``--max-batch``) and one not (``--max-batch 1
 --batch-window-ms 0``); only one is driven at a time, alternating round by
-round, so a noisy machine's drift hits both alike. Each client is a thread
-with its own keep-alive connection posting the portrait (a cutout, PNG) again
-and again; the figures are requests per second over the whole load, p50 and
-p99 of each request's wall time, and the forward passes the server ran
-(``/api/info``), which shows how many requests each batch served.
+round (``timing.rotated``), so a noisy machine's drift hits both alike. Each
+client is a thread with its own keep-alive connection posting the portrait (a
+cutout, PNG) again and again (:mod:`http_load`); the figures are requests per
+second over the whole load, p50 and p99 of each request's wall time, and the
+forward passes the server ran (``/api/info``), which shows how many requests
+each batch served.
 
 ``python3 -m modnet_npu.bench.serve_suite`` runs it alone (the same options as ``benchmark.py serve``).
 """
@@ -20,12 +21,13 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 from modnet_npu import DEFAULT_IMAGE
+from modnet_npu.bench import http_load
+from modnet_npu.bench.http_load import Load
 from modnet_npu.cli import Parser, run_command
 from modnet_npu.errors import ModnetError, UsageError
 
@@ -33,45 +35,17 @@ CONFIGS = ("batching on", "batching off")
 REQUEST_TIMEOUT_S = 300.0
 
 
-@dataclass(frozen=True)
-class Load:
-    clients: int
-    latencies_ms: tuple[float, ...]
-    seconds: float
-    errors: int
-    forward_passes: int
-
-
-def _client(url: str, image: bytes, count: int, deadline: float) -> tuple[list[float], int]:
-    import httpx
-
-    latencies, errors = [], 0
-    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
-        for _ in range(count):
-            if time.monotonic() > deadline:
-                break
-            start = time.perf_counter()
-            r = client.post(url + "/api/matte", files={"file": ("portrait.jpg", image, "image/jpeg")})
-            latencies.append((time.perf_counter() - start) * 1000.0)
-            errors += r.status_code != 200
-    return latencies, errors
-
-
 def _forward_passes(url: str) -> int:
-    import httpx
-
-    return int(httpx.get(url + "/api/info", timeout=30).json()["forward_passes"])
+    return int(_info(url)["forward_passes"])
 
 
 def drive(url: str, image: bytes, *, clients: int, per_client: int, deadline: float) -> Load:
-    """``clients`` threads, ``per_client`` requests each, all at once; stops early at ``deadline``."""
+    """``clients`` threads, ``per_client`` requests each to ``POST /api/matte``, all at once; stops early at
+    ``deadline``; with the forward passes the server ran meanwhile (its ``/api/info``)."""
     before = _forward_passes(url)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        parts = list(pool.map(lambda _: _client(url, image, per_client, deadline), range(clients)))
-    seconds = time.perf_counter() - start
-    latencies = tuple(ms for lat, _ in parts for ms in lat)
-    return Load(clients, latencies, seconds, sum(e for _, e in parts), _forward_passes(url) - before)
+    load = http_load.drive(http_load.Request(url + "/api/matte", image, "portrait.jpg", timeout_s=REQUEST_TIMEOUT_S),
+                           clients=clients, per_client=per_client, deadline=deadline)
+    return replace(load, forward_passes=_forward_passes(url) - before)
 
 
 def _server_args(model: str, *, size: str, threads: int, backend: str, device: str, window_ms: float,
@@ -87,6 +61,7 @@ def suite_serve(model: str, image: str = DEFAULT_IMAGE, *, clients: Sequence[int
                 backend: str = "torch", device: str = "cpu", window_ms: float = 5.0, max_batch: int = 8,
                 time_limit_s: float = 3600.0, log: Callable[[str], None] = print) -> dict:
     """Requests/s and p50/p99 latency per client count, batching on and off (module docstring)."""
+    from modnet_npu.proof.timing import rotated
     from modnet_npu.service.child import ServerProcess
 
     data = open(image, "rb").read()
@@ -102,8 +77,7 @@ def suite_serve(model: str, image: str = DEFAULT_IMAGE, *, clients: Sequence[int
             log(f"  {name}: ready at {server.url}")
         for r in range(rounds):
             for n in clients:
-                order = CONFIGS if (r + clients.index(n)) % 2 == 0 else CONFIGS[::-1]
-                for name in order:
+                for name in rotated(CONFIGS, r + clients.index(n)):
                     load = drive(servers[name].url, data, clients=n, per_client=requests_per_client, deadline=deadline)
                     loads[(name, n)].append(load)
                     log(f"  round {r + 1}/{rounds}, {n} client(s), {name}: {_rate(load):.2f} req/s, "

@@ -14,9 +14,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence, TypeVar
 
 Call = Callable[[], object]
+T = TypeVar("T")
+
+
+def rotated(names: Sequence[T], r: int) -> list[T]:
+    """Round ``r``'s order: ``names`` started at the ``r``-th (modulo their number), so each takes every place
+    in turn and none always runs right after the same other one. The one rotation of every interleaved
+    comparison here (timings, whole processes, servers under load)."""
+    k = r % len(names)
+    return list(names[k:]) + list(names[:k])
 
 
 def timed_ms(fn: Call, sync: Callable[[], None] = lambda: None) -> float:
@@ -45,8 +54,7 @@ def interleaved(contenders: Mapping[str, Call], *, runs: int, warmup: int = 0,
     after_warmup()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(runs):
-        k = r % len(names) if rotate else 0
-        for name in names[k:] + names[:k]:
+        for name in rotated(names, r if rotate else 0):
             times[name].append(timed_ms(contenders[name], sync))
     return times
 
