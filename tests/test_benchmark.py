@@ -141,3 +141,21 @@ def test_the_http_load_driver_counts_failures_and_keeps_its_deadline():
         server.shutdown()
         server.server_close()
 
+
+def test_the_precision_suite_converts_once_and_never_changes_that_conversion(flavour_files, monkeypatch):
+    import torch
+
+    from modnet_npu.bench import precision_suite as ps
+    from modnet_npu.conversion import convert as cv
+
+    path = flavour_files["official"]
+    conversion = cv.convert(path)
+    before = {k: v.clone() for k, v in conversion.model.state_dict().items()}
+    monkeypatch.setattr(cv, "convert", lambda *a, **k: pytest.fail("the file was converted again"))
+    layer = ps.FAULT_LAYERS[0]
+    faulty = ps._layer_model(path, "faithful", layer, conversion=conversion)
+    assert torch.equal(faulty.get_submodule(layer).weight, before[f"{layer}.weight"] * 1.01)
+    ps._layer_model(path, "optimized", layer, conversion=conversion)
+    ps._torch_engine(path, "faithful", "fp16", "cpu", 1, conversion=conversion).close()  # casts a model of its own
+    after = conversion.model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

@@ -22,16 +22,20 @@ Plus :func:`write_golden` (the test suite's golden mattes) and
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from modnet_npu import DEFAULT_IMAGE
 from modnet_npu.fileio import write_bytes, write_image, write_json
 from modnet_npu.matting.imaging import Size, load_image, matte_to_size, model_input, official_size, to_uint8
+
+if TYPE_CHECKING:  # torch is imported where it is used: the tables and the parser stay torch-free
+    from modnet_npu.conversion.convert import Conversion
 
 Log = Callable[[str], None]
 SECTIONS = ("precision", "demos", "layers")
@@ -63,14 +67,30 @@ def precision_cases(image: str = DEFAULT_IMAGE) -> list[tuple[str, np.ndarray]]:
              model_input(rule, rule_size)[None])]
 
 
-def _torch_engine(model_path: str, form: str, precision: str, device: str, threads: int):
+def _conversion(model_path: str, conversion: Conversion | None) -> Conversion:
+    """The one conversion of the file: the one given, else made now (a caller running several cases converts
+    once and passes it: each conversion reads, analyses and matches the whole file again)."""
+    if conversion is not None:
+        return conversion
     from modnet_npu.conversion.convert import convert
+
+    return convert(model_path)
+
+
+def _fresh_model(conversion: Conversion, form: str):
+    """A model of its own in ``form``, from the conversion's: cast, moved or faulted at will. The conversion's
+    model itself is never changed (the layer-by-layer comparison takes it as its float64 reference)."""
     from modnet_npu.model.optimized import optimize
+
+    return optimize(conversion.model) if form == "optimized" else copy.deepcopy(conversion.model)
+
+
+def _torch_engine(model_path: str, form: str, precision: str, device: str, threads: int, *,
+                  conversion: Conversion | None = None):
     from modnet_npu.runtime import devices
     from modnet_npu.runtime.engines import TorchEngine
 
-    model = convert(model_path).model
-    model = optimize(model) if form == "optimized" else model
+    model = _fresh_model(_conversion(model_path, conversion), form)
     return TorchEngine(model, devices.select_device(device), precision=precision, strict_fp32=True, threads=threads)
 
 
@@ -98,17 +118,19 @@ def errors(matte: np.ndarray, reference: np.ndarray) -> tuple[float, float, floa
 
 def measure_precision(model_path: str, *, image: str = DEFAULT_IMAGE, precisions: Sequence[str] = ("fp16", "bf16"),
                       parts: Sequence[str] = tuple(PARTS), device: str = "cpu", threads: int = 0,
-                      log: Log = print) -> tuple[PrecisionRow, ...]:
-    """Each part in each precision on each case, against ONNX Runtime fp32 on the CPU."""
+                      conversion: Conversion | None = None, log: Log = print) -> tuple[PrecisionRow, ...]:
+    """Each part in each precision on each case, against ONNX Runtime fp32 on the CPU; the file converted
+    once (``conversion``, if made already)."""
     from modnet_npu.runtime.engines import OrtEngine
 
+    conversion = _conversion(model_path, conversion)
     cases = precision_cases(image)
     ort = OrtEngine(model_path, threads=threads)
     refs = {label: ort.infer(x) for label, x in cases}
     rows = []
     for part in parts:
         for precision in precisions:
-            engine = _torch_engine(model_path, PARTS[part], precision, device, threads)
+            engine = _torch_engine(model_path, PARTS[part], precision, device, threads, conversion=conversion)
             try:
                 for label, x in cases:
                     start = time.perf_counter()
@@ -207,17 +229,15 @@ class LayerCheckRow:
     layers_compared: int
 
 
-def _layer_model(model_path: str, form: str, fault: str | None):
+def _layer_model(model_path: str, form: str, fault: str | None, *, conversion: Conversion | None = None):
     import torch
 
-    from modnet_npu.conversion.convert import convert
-    from modnet_npu.model.optimized import optimize
     from modnet_npu.proof.layerwise import optimized_module_name
 
-    faithful = convert(model_path).model
-    model = optimize(faithful) if form == "optimized" else faithful
+    conversion = _conversion(model_path, conversion)
+    model = _fresh_model(conversion, form)
     if fault is not None:
-        name = optimized_module_name(faithful, fault) + ".conv" if form == "optimized" else fault
+        name = optimized_module_name(conversion.model, fault) + ".conv" if form == "optimized" else fault
         with torch.no_grad():
             model.get_submodule(name).weight.mul_(1.01)
     return model
@@ -228,16 +248,18 @@ def check_layers(model_path: str, *, image: str = DEFAULT_IMAGE, size: Size = (2
                      ("optimized", "fp32", None), ("faithful", "fp32", None), ("optimized", "fp16", None),
                      ("optimized", "bf16", None), ("faithful", "fp16", None), ("faithful", "bf16", None),
                      *(("optimized", "fp32", f) for f in FAULT_LAYERS)),
-                 log: Log = print) -> tuple[LayerCheckRow, ...]:
-    """:func:`layerwise.compare_layers` for each (form, precision, faulty layer or None)."""
+                 conversion: Conversion | None = None, log: Log = print) -> tuple[LayerCheckRow, ...]:
+    """:func:`layerwise.compare_layers` for each (form, precision, faulty layer or None); the file converted
+    once (``conversion``, if made already) for the models and the comparisons."""
     from modnet_npu.model.optimized import with_precision
     from modnet_npu.proof.layerwise import compare_layers
 
+    conversion = _conversion(model_path, conversion)
     x = model_input(photo(image, None), size)[None]
     rows = []
     for form, precision, fault in runs:
-        model, _ = with_precision(_layer_model(model_path, form, fault), precision)
-        rep = compare_layers(model_path, model, x, precision=precision)
+        model, _ = with_precision(_layer_model(model_path, form, fault, conversion=conversion), precision)
+        rep = compare_layers(model_path, model, x, precision=precision, conversion=conversion)
         row = LayerCheckRow(form, precision, fault, rep.threshold, rep.first_divergence, rep.worst_local,
                             max(r.rel for r in rep.rows), max(r.local_rel for r in rep.rows), rep.rows[-1].rel,
                             rep.layers_compared)
@@ -248,15 +270,16 @@ def check_layers(model_path: str, *, image: str = DEFAULT_IMAGE, size: Size = (2
 
 
 def fault_example(model_path: str, output_dir: str | None = None, *, image: str = DEFAULT_IMAGE,
-                  size: Size = (256, 256), layer: str = FAULT_LAYERS[0]):
+                  size: Size = (256, 256), layer: str = FAULT_LAYERS[0], conversion: Conversion | None = None):
     """The README's example on real weights: the faithful model with ``layer``'s weight x1.01.
 
     Returns the report; with ``output_dir``, writes ``layerwise_fault.png`` and ``layerwise_fault.json``.
     """
     from modnet_npu.proof.layerwise import compare_layers, layerwise_figure
 
-    rep = compare_layers(model_path, _layer_model(model_path, "faithful", layer), model_input(photo(image, None),
-                                                                                              size)[None])
+    conversion = _conversion(model_path, conversion)
+    rep = compare_layers(model_path, _layer_model(model_path, "faithful", layer, conversion=conversion),
+                         model_input(photo(image, None), size)[None], conversion=conversion)
     if output_dir is not None:
         layerwise_figure(rep, os.path.join(output_dir, "layerwise_fault.png"))
         write_json(os.path.join(output_dir, "layerwise_fault.json"), rep.to_dict())
@@ -358,13 +381,16 @@ def run_suite(model: str | None = None, *, output_dir: str | None = None, sectio
         raise ValueError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     start = time.perf_counter()
     src = resolve_model(model or DEFAULT_MODEL_ID, models_dir or DEFAULT_MODELS_DIR, log=log)
+    # converted once for every PyTorch model of the suite (the demos section runs ONNX Runtime only)
+    conv = _conversion(src.path, None) if {"precision", "layers"} & set(sections) else None
     result = SuiteResult(
         src.path, src.sha256,
-        measure_precision(src.path, image=image, device=device, threads=threads, log=log)
+        measure_precision(src.path, image=image, device=device, threads=threads, conversion=conv, log=log)
         if "precision" in sections else (),
         compare_demos(src.path, image=image, threads=threads, log=log) if "demos" in sections else (),
-        check_layers(src.path, image=image, log=log) if "layers" in sections else (),
-        fault_example(src.path, output_dir, image=image).worst_table(10) if "layers" in sections else "",
+        check_layers(src.path, image=image, conversion=conv, log=log) if "layers" in sections else (),
+        fault_example(src.path, output_dir, image=image, conversion=conv).worst_table(10)
+        if "layers" in sections else "",
         time.perf_counter() - start,
     )
     if output_dir is not None:
