@@ -54,3 +54,18 @@ def test_an_image_too_wide_for_the_limit_is_a_422_not_a_500(flavour_files):
         assert refused.value.status == 422 and "exceeds the limit of 4096" in refused.value.message
         with pytest.raises(ApiError, match="size: model input"):
             Service.model_size(_settings_only(), matter, ShortSide(512), 40, 4000)
+
+
+def test_a_size_asked_of_a_fixed_size_file_is_refused_by_the_one_rule(webnn_file):
+    from modnet_npu.matting.matter import Matter
+    from modnet_npu.service.app import ApiError, Service
+
+    with Matter(model=webnn_file, backend="ort", threads=1) as matter:  # its input is fixed at 256x256
+        with pytest.raises(ValueError) as direct:
+            matter.model_size(48, 64, size=(64, 64))
+        with pytest.raises(ApiError) as refused:
+            Service.model_size(_settings_only(), matter, (64, 64), 48, 64)
+        assert refused.value.status == 422 and refused.value.message == f"size: {direct.value}"
+        assert "takes 256x256 only on the ort backend" in refused.value.message
+        # no size asked: the file's own, past --max-model-pixels or not (the file decides, not the request)
+        assert Service.model_size(_settings_only(), matter, None, 4000, 3000) == (256, 256)

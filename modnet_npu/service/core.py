@@ -231,17 +231,16 @@ class Service:
         return fetched.data
 
     def model_size(self, matter: Matter, spec: SizeSpec | None, height: int, width: int) -> Size:
-        """The model input size for this request: 422 past --max-model-pixels or the engine's limits."""
-        fixed = matter.engine.fixed_size
-        if spec is not None and fixed is not None:
-            raise ApiError(422, f"size: this model file takes {fixed[0]}x{fixed[1]} only on the "
-                                f"{matter.engine.name} backend")
+        """The model input size for this request: 422 past --max-model-pixels or the engine's limits.
+
+        ``Matter.model_size`` is the one rule (a size asked of a file whose input size is fixed included);
+        here its refusals become 422s, named after the request's ``size`` when it asked for one."""
         try:
             size = matter.model_size(height, width, size=spec)  # the request's size, else the server's
         except ValueError as exc:
             raise ApiError(422, f"size: {exc}" if spec is not None else str(exc)) from None
         limit = self.settings.max_model_pixels
-        if fixed is None and size[0] * size[1] > limit:
+        if matter.engine.fixed_size is None and size[0] * size[1] > limit:
             raise ApiError(422, f"size: model input {size[0]}x{size[1]} is {size[0] * size[1] / 1e6:.2f} MP, over "
                                 f"the limit of {limit / 1e6:g} MP (--max-model-pixels); ask for a smaller size")
         return size
