@@ -146,7 +146,8 @@ def _uvicorn_config(app, settings, log_level: str):
     )
 
 
-def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -> int:
+def _serve(args: argparse.Namespace, opts: EngineOptions, settings, sock: socket.socket) -> int:
+    """The app on ``sock`` under ``settings`` (the ServiceSettings :func:`_start` built and checked: made once)."""
     import uvicorn
 
     from modnet_npu.service.app import create_app
@@ -161,7 +162,7 @@ def _serve(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
 
     from modnet_npu.service.connections import fit_to_descriptors
 
-    settings, lowered = fit_to_descriptors(_settings(args))
+    settings, lowered = fit_to_descriptors(settings)
     if lowered:
         logging.getLogger("modnet.serve").warning("WARNING: %s", lowered)
     app = create_app(settings, lambda: _open_matter(opts), on_fatal=fatal)
@@ -203,10 +204,10 @@ def _start(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
     proc = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"),
                          max_image_pixels=int(args.max_pixels * 1_000_000))
     try:
-        _settings(args)
-    except ValueError as exc:
+        settings = _settings(args)
+    except ValueError as exc:  # a limit out of range or at odds with another: a bad option, before the model loads
         raise UsageError(str(exc)) from None
-    return _serve(args, replace(opts, threads=proc.threads), sock)
+    return _serve(args, replace(opts, threads=proc.threads), settings, sock)
 
 
 if __name__ == "__main__":
