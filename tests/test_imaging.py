@@ -95,6 +95,21 @@ def test_cutout_and_composite():
         im.parse_color("greenish")
 
 
+def test_a_colour_background_is_broadcast_and_blends_as_a_full_one():
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (300, 70, 3), dtype=np.uint8)  # 300 rows: more than one band of 256
+    alpha = rng.random((300, 70), dtype=np.float32) * 1.2 - 0.1  # some outside [0, 1]: clipped alike
+    colour = (12, 200, 77)
+    assert im.make_background("rgb(12,200,77)", rgb) == colour  # a colour stays a colour
+    assert im.make_background(colour, rgb) == colour
+    full = im.composite(rgb, alpha, np.full((300, 70, 3), colour, np.uint8))
+    assert np.array_equal(im.composite(rgb, alpha, colour), full)  # the same float32 arithmetic, bit for bit
+    with pytest.raises(ValueError, match="r, g, b"):
+        im.composite(rgb, alpha, (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="0 to 255"):
+        im.composite(rgb, alpha, (0, 256, 0))
+
+
 def test_cover_keeps_aspect_and_fills():
     bg = np.zeros((10, 40, 3), np.uint8)
     bg[:, 18:22] = 255  # a bright stripe in the middle

@@ -146,7 +146,7 @@ class Matter:
         rgb = load_image(image)
         return cutout(rgb, self.mattes([rgb])[0])
 
-    def composite(self, image: ImageLike, background: str | np.ndarray = "white") -> np.ndarray:
+    def composite(self, image: ImageLike, background: str | np.ndarray | tuple[int, int, int] = "white") -> np.ndarray:
         rgb = load_image(image)
         return composite(rgb, self.mattes([rgb])[0], make_background(background, rgb))
 
@@ -163,8 +163,10 @@ class Matter:
         self.close()
 
 
-def render(mode: str, rgb: np.ndarray, alpha: np.ndarray, background: str | np.ndarray) -> np.ndarray:
-    """The array written for one mode."""
+def render(mode: str, rgb: np.ndarray, alpha: np.ndarray,
+           background: str | np.ndarray | tuple[int, int, int]) -> np.ndarray:
+    """The array written for one mode; ``background`` as :func:`imaging.make_background` takes it (a colour
+    stays a colour: never an array of the image's size)."""
     if mode == "matte":
         return to_uint8(alpha)
     if mode == "cutout":

@@ -71,8 +71,7 @@ def over_colour(rgb: np.ndarray, alpha: np.ndarray, rgba: tuple[int, ...], rows:
     Blended ``rows`` at a time: the float temporaries stay a band's size, not the image's.
     """
     if rgba[3] == 255:
-        background = np.broadcast_to(np.array(rgba[:3], np.uint8), rgb.shape)
-        opaque = render("composite", rgb, alpha, np.ascontiguousarray(background))
+        opaque = render("composite", rgb, alpha, tuple(rgba[:3]))
         return np.concatenate([opaque, np.full((*opaque.shape[:2], 1), 255, np.uint8)], axis=2)
     if rgba[3] == 0:
         return cutout(rgb, alpha)
@@ -97,13 +96,8 @@ def render_bytes(params: MatteParams, rgb: np.ndarray, alpha: np.ndarray,
     if params.mode == "composite" and isinstance(params.background, tuple) and len(params.background) == 4:
         array = over_colour(rgb, alpha, params.background)
     else:
-        background: str | np.ndarray
-        if background_image is not None:
-            background = background_image
-        elif isinstance(params.background, tuple):
-            background = np.full((*rgb.shape[:2], 3), params.background, np.uint8)
-        else:
-            background = params.background  # "blur"
+        # an uploaded image, else the colour (broadcast as it is blended) or "blur"
+        background = background_image if background_image is not None else params.background
         array = render(params.mode, rgb, alpha, background)
     return encode(array, params.format)
 
