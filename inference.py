@@ -105,8 +105,13 @@ def _check_ray(address: str, stdin: bool) -> None:
 
 
 def _info(args: argparse.Namespace) -> Callable[[str], None]:
-    """Where progress messages go: stderr, or nowhere with --quiet (stdout may carry a PNG)."""
-    return (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    """Where progress messages go: stderr (above the progress bar while one is drawn: the warm-up's line comes
+    with the bar up), or nowhere with --quiet (stdout may carry a PNG)."""
+    if args.quiet:
+        return lambda m: None
+    from tqdm import tqdm
+
+    return lambda m: tqdm.write(m, file=sys.stderr)
 
 
 def _open_matter(args: argparse.Namespace, options: EngineOptions) -> Matter:
@@ -235,7 +240,8 @@ def _main_local(args: argparse.Namespace, options: EngineOptions, modes: list[st
         if args.inputs == ["-"]:
             return _stdin_mode(matter, modes[0], args.background)
         return _run_folder(lambda todo, bars: run_jobs(matter, todo, background=args.background, batch=args.batch,
-                                                       temporal=args.temporal, progress=bars), args, modes)
+                                                       temporal=args.temporal, progress=bars, log=_info(args)),
+                           args, modes)
 
 
 def _main(args: argparse.Namespace) -> int:

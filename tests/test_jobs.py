@@ -316,3 +316,107 @@ def test_interrupting_a_run_leaves_no_temporary(tmp_path, monkeypatch, where):
     with pytest.raises(KeyboardInterrupt):
         jobs.run_jobs(matter, plan.jobs, background="white")
     assert not out.exists() or os.listdir(out) == []
+
+
+# --------------------------------------------------------------------------
+# warm-up: the shapes a run needs, from the headers, prepared before its first batch (modnet_npu/matting/warmup.py)
+# --------------------------------------------------------------------------
+
+
+def _turned_jpeg(path, size=(96, 64)) -> None:
+    """A JPEG stored ``size`` (width, height) whose EXIF orientation (6) turns it a quarter when loaded."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", size, (90, 120, 30)).save(path, exif=exif)
+
+
+def test_the_shape_plan_reads_each_size_from_the_header_as_the_matter_will_infer_it(tmp_path):
+    from modnet_npu.matting import warmup
+    from modnet_npu.matting.imaging import load_image
+
+    _photo(tmp_path / "wide.png", size=(96, 64))
+    _photo(tmp_path / "wide2.png", size=(99, 66))  # another stored size, the same model size
+    _turned_jpeg(tmp_path / "turned.jpg")  # stored 96 wide, loaded 64 wide: its model size is portrait
+    _photo(tmp_path / "panorama.png", size=(2000, 40))  # too large for the model under max_side 1024
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    matter = FlatMatter()
+    rule = lambda h, w: input_size(SHORT_64, h, w, max_side=1024)  # noqa: E731
+    plan = warmup.shape_plan(_plan([tmp_path], tmp_path / "o").jobs, rule, batch=4)
+    decoded = [load_image(str(tmp_path / n)).shape[:2] for n in ("wide.png", "wide2.png", "turned.jpg")]
+    assert plan.sizes == ((64, 96), (96, 64)) == tuple(dict.fromkeys(matter.model_size(*d) for d in decoded))
+    assert plan.max_batch == 2 and plan.eager == ()  # no size has more than two images: batches of 4 never form
+    assert warmup.image_dimensions(str(tmp_path / "turned.jpg")) == (96, 64)
+
+
+def test_the_shape_plan_keeps_the_most_used_sizes_and_leaves_the_rest_eager(tmp_path):
+    from modnet_npu.matting import warmup
+
+    for i, (w, h, n) in enumerate([(64, 64, 1), (96, 64, 3), (64, 128, 2)]):
+        for k in range(n):
+            _photo(tmp_path / f"s{i}_{k}.png", size=(w, h))
+    plan = warmup.shape_plan(_plan([tmp_path], tmp_path / "o").jobs, FlatMatter().model_size, batch=8, limit=2)
+    assert plan.sizes == ((64, 96), (128, 64)) and plan.eager == ((64, 64),) and plan.max_batch == 3
+    assert warmup.shape_plan([], FlatMatter().model_size, batch=8) == warmup.ShapePlan((), 1)
+
+
+def test_an_engine_that_takes_any_shape_is_not_warmed_and_no_header_is_read(tmp_path, monkeypatch):
+    from modnet_npu.matting import warmup
+
+    _photo(tmp_path / "a.png")
+    monkeypatch.setattr(warmup, "image_dimensions", lambda path: pytest.fail("a header was read"))
+    matter = FlatMatter()  # no engine padding batches to a set: ONNX Runtime, OpenVINO, eager PyTorch
+    assert warmup.plan_for(matter, _plan([tmp_path], tmp_path / "o").jobs, 4) is None
+    assert warmup.prepare(matter, warmup.ShapePlan(((64, 64),), 2)) is None
+    summary = jobs.run_jobs(matter, _plan([tmp_path], tmp_path / "o").jobs, background="white", batch=4)
+    assert summary.succeeded == 1
+
+
+@pytest.fixture
+def captured_graphs(monkeypatch):
+    """Graph capture on the CPU through the replaying stand-in (tests/fake_replay.py), as on a device."""
+    from fake_replay import TapeGraphs
+    from modnet_npu.runtime import acceleration
+
+    monkeypatch.setattr(acceleration, "graph_factory", lambda device: TapeGraphs())
+
+
+def test_a_local_run_prepares_its_shapes_before_the_first_batch_and_none_inside(tmp_path, monkeypatch, capsys,
+                                                                              captured_graphs, flavour_files):
+    """inference.py on a fast path made per shape (graph capture here; --compile takes the same path): images
+    and a video at three model sizes, every shape prepared before the first batch, nothing captured after."""
+    import inference
+    from conftest import make_video
+    from modnet_npu.matting.matter import Matter
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _photo(src / f"square{i}.png", size=(64, 64))
+    _photo(src / "tall.png", size=(64, 128))
+    make_video(src / "clip.mp4", frames=7)  # 96x64 frames: batches of 2, 2, 2 and 1
+    seen = []
+    mattes = Matter.mattes
+
+    def spy(self, images):  # the fast path's counters as each batch starts and ends
+        before = self.engine.fast_path_stats()
+        out = mattes(self, images)
+        seen.append((sorted({rgb.shape[:2] for rgb in images}), before, self.engine.fast_path_stats()))
+        return out
+
+    monkeypatch.setattr(Matter, "mattes", spy)
+    code = inference.main([str(src), "-o", str(tmp_path / "out"), "--model", flavour_files["official"], "--backend",
+                           "torch", "--device", "cpu", "--graphs", "on", "--threads", "1", "--size", "64",
+                           "--batch", "2", "--mode", "matte"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    [line] = [line for line in err.splitlines() if line.startswith("warm-up: ")]
+    assert line.startswith("warm-up: batches 1,2 at 64x96, 64x64, 128x64 prepared (")  # the most used first
+    shapes = {f"{b}x3x{h}x{w} float32" for h, w in ((64, 96), (64, 64), (128, 64)) for b in (1, 2)}
+    first = seen[0][1]
+    assert first.sealed and {p.shape for p in first.prepared} == shapes and first.captures == len(shapes)
+    assert len(seen) == 2 + 4  # two batches of images, four of frames
+    for sizes, before, after in seen:
+        assert before.captures == after.captures == len(shapes) and after.replays > before.replays, sizes
+        assert after.outside_set == () and after.eager_runs == 0, sizes
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        [f"square{i}_matte.png" for i in range(3)] + ["tall_matte.png", "clip_matte.mp4"])

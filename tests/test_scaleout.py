@@ -153,6 +153,101 @@ def test_without_ray_installed_the_error_says_how_to_install(tmp_path, capsys, m
 
 
 # --------------------------------------------------------------------------
+# warm-up: the driver plans the shapes from the headers, each actor prepares them before its first batch
+# (the actor classes called here directly, without Ray; graph capture through tests/fake_replay.py)
+# --------------------------------------------------------------------------
+
+
+def _photos(src: Path, sizes: list[tuple[int, int]]) -> None:
+    src.mkdir()
+    for i, size in enumerate(sizes):
+        Image.open(PORTRAIT).resize(size).save(src / f"p{i}.png")
+
+
+def _cpu_placement() -> scaleout.Placement:
+    return scaleout.place(backend="torch", device="cpu", precision="fp32", cluster={"CPU": 4})
+
+
+@pytest.fixture
+def captured_actor(monkeypatch):
+    """Actors built in this process: graph capture on the CPU through the replaying stand-in, and the
+    process-wide setup (threads, allocator) left alone."""
+    from fake_replay import TapeGraphs
+    from modnet_npu.runtime import acceleration, process_setup
+
+    monkeypatch.setattr(acceleration, "graph_factory", lambda device: TapeGraphs())
+    monkeypatch.setattr(process_setup, "setup_process", lambda **kw: SimpleNamespace(threads=1))
+
+
+def test_the_driver_plans_the_shapes_of_each_stage_from_the_headers(tmp_path):
+    from modnet_npu.matting import warmup
+    from modnet_npu.matting.imaging import ShortSide
+    from modnet_npu.matting.jobs import plan_jobs
+
+    _photos(tmp_path / "in", [(96, 64), (96, 64), (64, 64)])
+    make_video(tmp_path / "in" / "clip.mp4", frames=5)
+    jobs = plan_jobs([str(tmp_path / "in")], str(tmp_path / "out"), ["matte"], "png", False).jobs
+    options = EngineOptions(model="m.onnx", backend="torch", device="cpu", size=ShortSide(64), graphs="on")
+    plans = scaleout.shape_plans(jobs, options, _cpu_placement(), batch=4)
+    assert plans == {"image": warmup.ShapePlan(((64, 96), (64, 64)), 2), "video": warmup.ShapePlan(((64, 96),), 4)}
+    ort = scaleout.place(backend="ort", device="cpu", precision="fp32", cluster={"CPU": 4})
+    assert scaleout.shape_plans(jobs, options, ort, batch=4) == {"image": None, "video": None}  # nothing per shape
+
+
+def _decoded(src: Path) -> dict[str, np.ndarray]:
+    """A batch as the decode stage hands it to the inference actors."""
+    from modnet_npu.matting.jobs import plan_jobs
+
+    jobs = plan_jobs([str(src)], str(src.parent / "out"), ["matte"], "png", False).jobs
+    rows = [scaleout._decode(scaleout._row(job)) for job in jobs]
+    return {k: scaleout._objects([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_the_image_actor_prepares_its_shapes_before_its_first_batch(tmp_path, captured_actor, flavour_files):
+    from modnet_npu.matting.imaging import ShortSide
+    from modnet_npu.matting.jobs import plan_jobs
+
+    _photos(tmp_path / "in", [(96, 64), (96, 64), (64, 64)])
+    options = EngineOptions(model=flavour_files["official"], backend="torch", device="cpu", size=ShortSide(64),
+                            graphs="on", threads=1)
+    jobs = plan_jobs([str(tmp_path / "in")], str(tmp_path / "out"), ["matte"], "png", False).jobs
+    plan = scaleout.shape_plans(jobs, options, _cpu_placement(), batch=4)["image"]
+    actor = scaleout._ImageActor(options, warm=plan)
+    ready = actor.matter.engine.fast_path_stats()  # after the constructor, before any batch
+    shapes = {f"{b}x3x{h}x{w} float32" for h, w in ((64, 96), (64, 64)) for b in (1, 2)}
+    assert ready.sealed and {p.shape for p in ready.prepared} == shapes and ready.captures == len(shapes)
+    assert actor.note.startswith("batches 1,2 at 64x96, 64x64 prepared (")
+    note = actor.note
+    first = actor(_decoded(tmp_path / "in"))
+    again = actor(_decoded(tmp_path / "in"))
+    after = actor.matter.engine.fast_path_stats()
+    assert after.captures == ready.captures and after.outside_set == () and after.replays >= ready.replays + 4
+    assert list(first["note"]) == [note, "", ""] and list(again["note"]) == ["", "", ""]  # said once
+    assert [a.shape for a in first["alpha"]] == [(64, 96), (64, 96), (64, 64)] and not any(first["error"])
+
+
+def test_the_video_actor_prepares_the_frame_size_before_its_first_frame(tmp_path, captured_actor, flavour_files):
+    from modnet_npu.matting.imaging import ShortSide
+    from modnet_npu.matting.jobs import plan_jobs
+
+    (tmp_path / "in").mkdir()
+    make_video(tmp_path / "in" / "clip.mp4", frames=5)
+    options = EngineOptions(model=flavour_files["official"], backend="torch", device="cpu", size=ShortSide(64),
+                            graphs="on", threads=1)
+    jobs = plan_jobs([str(tmp_path / "in")], str(tmp_path / "out"), ["matte"], "png", False).jobs
+    plan = scaleout.shape_plans(jobs, options, _cpu_placement(), batch=2)["video"]
+    actor = scaleout._VideoActor(options, background="white", batch=2, temporal=False, warm=plan)
+    ready = actor.matter.engine.fast_path_stats()
+    assert ready.sealed and [p.shape for p in ready.prepared] == ["1x3x64x96 float32", "2x3x64x96 float32"]
+    rows = [scaleout._row(job) for job in jobs]
+    out = actor({k: scaleout._objects([r[k] for r in rows]) for k in ("source", "path", "outputs")})
+    after = actor.matter.engine.fast_path_stats()
+    assert list(out["frames"]) == [5] and list(out["error"]) == [""]
+    assert out["note"][0].startswith("batches 1,2 at 64x96")
+    assert after.captures == ready.captures == 2 and after.outside_set == () and after.replays == ready.replays + 3
+
+
+# --------------------------------------------------------------------------
 # on Ray
 # --------------------------------------------------------------------------
 
@@ -353,7 +448,7 @@ class _Reports(scaleout._ImageActor):
 
     folder = ""
 
-    def __init__(self, options):
+    def __init__(self, options, **kwargs):  # kwargs: the warm-up's plan (its own tests see it used)
         Path(self.folder, f"{os.getpid()}-{id(self)}.pkl").write_bytes(pickle.dumps(options))
         self.matter = _FlatMatter()
 
@@ -398,3 +493,76 @@ def test_a_wide_image_under_a_raised_max_side_runs_alike_with_and_without_ray(cl
     a = np.asarray(Image.open(tmp_path / "local" / "wide_matte.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "ray" / "wide_matte.png")).astype(int)
     assert a.shape == b.shape == (48, 2080) and np.abs(a - b).max() <= 1
+
+
+class _Recomputes:
+    """A graph factory for CPU tensors (``acceleration.GraphFactory``) small enough to send to a Ray worker:
+    the capture runs the forward into a static output, a replay runs it again on the static input."""
+
+    pool_kind = "shared"
+
+    def __call__(self, fn, static_in):
+        from modnet_npu.runtime.graphs import Captured
+
+        out = fn(static_in)
+        return Captured(static_in, out, lambda: out.copy_(fn(static_in)))
+
+
+class _Counts(scaleout._ImageActor):
+    """An inference actor with graph capture on the CPU that writes down its fast path's counters as each of
+    its batches starts and ends."""
+
+    folder = ""
+
+    def __init__(self, options, **kwargs):
+        from modnet_npu.runtime import acceleration
+
+        real = acceleration.graph_factory
+        acceleration.graph_factory = lambda device: _Recomputes()
+        try:
+            super().__init__(options, **kwargs)
+        finally:
+            acceleration.graph_factory = real
+        self.ready = self.matter.engine.fast_path_stats()
+
+    def __call__(self, batch):
+        before = self.matter.engine.fast_path_stats()
+        out = super().__call__(batch)
+        after = self.matter.engine.fast_path_stats()
+        record = (len(batch["source"]), self.ready, before, after)
+        Path(self.folder, f"{os.getpid()}-{time.monotonic_ns()}.pkl").write_bytes(pickle.dumps(record))
+        return out
+
+
+def test_ray_actors_prepare_their_shapes_before_their_first_batch(cluster, tmp_path, monkeypatch, flavour_files):
+    """The driver's plan reaches the actors, each prepares it in its constructor and says so once; no batch
+    captures anything."""
+    import ray.cloudpickle
+
+    from modnet_npu.matting.imaging import ShortSide
+    from modnet_npu.matting.jobs import plan_jobs
+
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test module
+    (tmp_path / "seen").mkdir()
+    monkeypatch.setattr(_Counts, "folder", str(tmp_path / "seen"))
+    monkeypatch.setattr(scaleout, "_ImageActor", _Counts)
+    _photos(tmp_path / "in", [(96, 64), (96, 64), (96, 64), (64, 64), (64, 64)])
+    jobs = plan_jobs([str(tmp_path / "in")], str(tmp_path / "out"), ["matte"], "png", False).jobs
+    options = EngineOptions(model=flavour_files["official"], backend="torch", device="cpu", size=ShortSide(64),
+                            graphs="on", threads=1)
+    logged = []
+    try:
+        summary = scaleout.run_on_ray(jobs, options=options, batch=2, log=logged.append)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(module)
+    assert (summary.succeeded, summary.failed) == (5, 0)
+    warm = [line for line in logged if "warm-up" in line]
+    assert len(warm) == 1, logged
+    assert warm[0].startswith("ray: image actor warm-up: batches 1,2 at 64x96, 64x64 prepared ("), logged
+    records = [pickle.loads(p.read_bytes()) for p in (tmp_path / "seen").iterdir()]
+    shapes = {f"{b}x3x{h}x{w} float32" for h, w in ((64, 96), (64, 64)) for b in (1, 2)}
+    assert sum(r[0] for r in records) == 5 and max(r[0] for r in records) <= 2  # five images, batches of two
+    for _, ready, before, after in records:
+        assert ready.sealed and {p.shape for p in ready.prepared} == shapes
+        assert ready.captures == before.captures == after.captures == len(shapes) and after.outside_set == ()

@@ -134,3 +134,17 @@ def test_a_resolution_change_mid_stream_is_an_input_problem(tmp_path):
     assert str(info.value) == (f"{src}: the resolution changes mid-stream (frame 7 is 64x48, the video 96x64); "
                                "videos of one resolution only (split it, or scale it with ffmpeg first)")
     assert not out.exists() or os.listdir(out) == []  # nothing partial
+
+
+def test_the_warm_up_reads_a_videos_frame_size_and_count_from_its_stream(clip, tmp_path):
+    """The model size of a video's frames comes from its stream (no frame decoded), counted once per frame."""
+    from modnet_npu.matting import warmup
+    from modnet_npu.matting.imaging import ShortSide, input_size
+    from modnet_npu.matting.plan import Job
+
+    assert warmup.video_dimensions(str(clip)) == ((64, 96), 12)  # conftest.make_video: 96x64, 12 frames
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    assert warmup.video_dimensions(str(tmp_path / "bad.mp4")) is None
+    rule = lambda h, w: input_size(ShortSide(32), h, w)  # noqa: E731
+    jobs_ = [Job(str(clip), "video"), Job(str(tmp_path / "bad.mp4"), "video")]
+    assert warmup.shape_plan(jobs_, rule, batch=16) == warmup.ShapePlan(((32, 32),), 12)  # 12 frames: no batch of 16

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from modnet_npu.cli import one_line
-from modnet_npu.matting import codec
+from modnet_npu.matting import codec, warmup
 from modnet_npu.matting.imaging import ImageReadError, load_image
 from modnet_npu.matting.matter import Matter, NonFiniteMatteError, render
 from modnet_npu.runtime.engines import OrtRunError
@@ -215,13 +215,20 @@ class RunSummary:
 
 
 def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int = 1, temporal: bool = False,
-             progress: Progress | None = None) -> RunSummary:
-    """Run planned jobs (already reduced to what is still to do): images in batches, then videos."""
+             progress: Progress | None = None, log: Callable[[str], None] = lambda m: None) -> RunSummary:
+    """Run planned jobs (already reduced to what is still to do): images in batches, then videos.
+
+    On a fast path made per shape the shapes the jobs need are prepared first (``warmup``; ``log`` gets the
+    set and its cost), so nothing is compiled or captured inside a batch; the time counted starts after.
+    """
     progress = progress or Progress()
     failed = done = frames = 0
-    started = time.perf_counter()
     images = [j for j in jobs if j.kind == "image"]
     with IoPool() as pool:
+        ready = warmup.prepare(matter, warmup.plan_for(matter, jobs, batch, mapper=pool.map))
+        if ready:
+            log(f"warm-up: {ready}")
+        started = time.perf_counter()
         for group in _groups(images, batch, pool):
             for _job, problem in process_image_batch(matter, group, background, pool):
                 if problem:

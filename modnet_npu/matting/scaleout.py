@@ -5,7 +5,10 @@ per row, decoded by our own function, so a corrupt file is one error row and
 never a lost block), inference in a fixed pool of actors (one per NPU or GPU,
 else CPU actors) that each load the model once and infer batches of same-size
 images, then rendering and atomic writes in CPU tasks. A video goes whole to
-one actor (``video.process_video``: frame order, audio, alpha). The rules —
+one actor (``video.process_video``: frame order, audio, alpha). On a fast path made
+per shape (``--compile``, graph capture) each actor prepares, before its first
+batch, the model input sizes the driver read from the inputs' headers
+(``warmup``), and the run prints that set and its cost once. The rules —
 output names, what is still to do, atomic writes, one error line per input —
 are ``jobs``'s; the local path (``jobs.run_jobs``) stays the reference.
 
@@ -32,7 +35,8 @@ import numpy as np
 from modnet_npu import REPO_ROOT
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import temp_affixes
-from modnet_npu.matting.jobs import Job, Progress, RunSummary, load_job, save_job
+from modnet_npu.matting import warmup
+from modnet_npu.matting.jobs import IoPool, Job, Progress, RunSummary, load_job, save_job
 from modnet_npu.runtime.options import EngineOptions, choose_engine
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
@@ -297,7 +301,8 @@ def _save(batch: dict[str, np.ndarray], *, background: str) -> dict[str, np.ndar
             job = Job(str(source), "image", json.loads(str(batch["outputs"][i])))
             problem = save_job(job, batch["rgb"][i], batch["alpha"][i], background) or ""
         errors.append(_named(problem, {"source": str(source), "path": str(batch["path"][i])}) if problem else "")
-    return {"source": batch["source"], "error": np.array(errors, dtype=object), "frames": np.zeros(len(errors), int)}
+    return {"source": batch["source"], "error": np.array(errors, dtype=object), "frames": np.zeros(len(errors), int),
+            "note": batch["note"]}
 
 
 def _objects(items: Sequence) -> np.ndarray:
@@ -308,9 +313,12 @@ def _objects(items: Sequence) -> np.ndarray:
 
 
 class _Actor:
-    """Holds one Matter for the actor's life: the model is loaded once, on the device Ray gave it."""
+    """Holds one Matter for the actor's life: the model is loaded once, on the device Ray gave it, and made
+    ready for the shapes of the run (``warm``: the driver's ``warmup.ShapePlan``) before its first batch."""
 
-    def __init__(self, options: EngineOptions) -> None:
+    note = ""  # what the warm-up prepared and cost: returned once, with the first batch, for the driver to print
+
+    def __init__(self, options: EngineOptions, *, warm: warmup.ShapePlan | None = None) -> None:
         from modnet_npu.matting.matter import Matter
         from modnet_npu.runtime.process_setup import setup_process
 
@@ -319,6 +327,16 @@ class _Actor:
         self.options = options  # as received: every field, whole (tests compare them with the driver's)
         # the driver checked the model file (engines.check_model) before submitting: no repeat here
         self.matter = Matter(replace(options, threads=settings.threads), validate=False)
+        # on a fast path made per shape (compiled, captured) every shape of the run is made now, and the set is
+        # sealed: no batch waits for a compiler, and a shape outside the set runs eagerly
+        self.note = warmup.prepare(self.matter, warm) or ""
+
+    def _notes(self, rows: int) -> np.ndarray:
+        """The warm-up's line on the first row of the first batch only, so the driver sees it once per actor."""
+        notes = np.array([""] * rows, dtype=object)
+        if rows:
+            notes[0], self.note = self.note, ""
+        return notes
 
 
 class _ImageActor(_Actor):
@@ -336,12 +354,14 @@ class _ImageActor(_Actor):
                     alphas[i] = self.matter.mattes([batch["rgb"][i]])[0]
                 except (ModnetError, ValueError) as exc:
                     errors[i] = f"{batch['source'][i]}: {exc}"
-        return {**batch, "alpha": _objects(alphas), "error": np.array(errors, dtype=object)}
+        return {**batch, "alpha": _objects(alphas), "error": np.array(errors, dtype=object),
+                "note": self._notes(len(errors))}
 
 
 class _VideoActor(_Actor):
-    def __init__(self, options: EngineOptions, *, background: str, batch: int, temporal: bool) -> None:
-        super().__init__(options)
+    def __init__(self, options: EngineOptions, *, background: str, batch: int, temporal: bool,
+                 warm: warmup.ShapePlan | None = None) -> None:
+        super().__init__(options, warm=warm)
         self.options = (background, batch, temporal)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -359,7 +379,8 @@ class _VideoActor(_Actor):
             except (ImageReadError, ValueError, OSError) as exc:
                 frames.append(0)
                 errors.append(_named(str(exc), {"path": str(row["path"]), "source": str(row["source"])}))
-        return {"source": batch["source"], "error": np.array(errors, dtype=object), "frames": np.array(frames)}
+        return {"source": batch["source"], "error": np.array(errors, dtype=object), "frames": np.array(frames),
+                "note": self._notes(len(errors))}
 
 
 # --------------------------------------------------------------------------
@@ -372,13 +393,30 @@ def actor_options(options: EngineOptions, placement: Placement) -> EngineOptions
     return replace(options, backend=placement.backend, device=placement.device, threads=placement.threads)
 
 
-def _stage_args(placement: Placement, options: EngineOptions, count: int, batch: int) -> dict:
+def shape_plans(jobs: Sequence[Job], options: EngineOptions, placement: Placement,
+                batch: int) -> dict[str, warmup.ShapePlan | None]:
+    """What the image and the video actors prepare before their first batch, by kind: the model input sizes
+    the inputs' headers give under the size rule every actor applies (``warmup``), read once, here. None
+    where the actors run ONNX Runtime or OpenVINO (nothing made per shape there) or have no input of the kind."""
+    plans: dict[str, warmup.ShapePlan | None] = {"image": None, "video": None}
+    if placement.backend != "torch":
+        return plans
+    with IoPool() as pool:
+        for kind in plans:
+            of_kind = [j for j in jobs if j.kind == kind]
+            if of_kind:
+                plans[kind] = warmup.shape_plan(of_kind, warmup.size_rule(options), batch, mapper=pool.map)
+    return plans
+
+
+def _stage_args(placement: Placement, options: EngineOptions, count: int, batch: int,
+                warm: warmup.ShapePlan | None = None) -> dict:
     """map_batches arguments of the inference stage: a fixed pool, fractional CPUs, one device each."""
     import ray.data
 
     size = max(1, min(placement.actors, math.ceil(count / batch)))  # no idle actors for a small job
     return {"compute": ray.data.ActorPoolStrategy(size=size),
-            "fn_constructor_kwargs": {"options": actor_options(options, placement)},
+            "fn_constructor_kwargs": {"options": actor_options(options, placement), "warm": warm},
             "num_cpus": ACTOR_CPUS, **placement.ray_args}
 
 
@@ -393,22 +431,22 @@ def _rows_per_task(count: int, cpus: float) -> int:
 
 
 def _image_rows(ray: Any, jobs: Sequence[Job], placement: Placement, options: EngineOptions, *, background: str,
-                batch: int, env: dict) -> Iterable[dict]:
+                batch: int, env: dict, warm: warmup.ShapePlan | None = None) -> Iterable[dict]:
     items = [_row(job) for job in jobs]
     per_task = _rows_per_task(len(items), ray.cluster_resources().get("CPU", 1))
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
     ds = ds.map(_decode, num_cpus=TASK_CPUS, runtime_env=env)
     ds = ds.map_batches(_ImageActor, batch_size=batch, batch_format="numpy", runtime_env=env,
-                        **_stage_args(placement, options, len(items), batch))
+                        **_stage_args(placement, options, len(items), batch, warm))
     ds = ds.map_batches(_save, batch_size=per_task, batch_format="numpy", fn_kwargs={"background": background},
                         num_cpus=TASK_CPUS, runtime_env=env)
     return ds.iter_rows()
 
 
 def _video_rows(ray: Any, jobs: Sequence[Job], placement: Placement, options: EngineOptions, *, background: str,
-                batch: int, temporal: bool, env: dict) -> Iterable[dict]:
+                batch: int, temporal: bool, env: dict, warm: warmup.ShapePlan | None = None) -> Iterable[dict]:
     items = [_row(job) for job in jobs]
-    args = _stage_args(placement, options, len(items), 1)
+    args = _stage_args(placement, options, len(items), 1, warm)
     args["fn_constructor_kwargs"] |= {"background": background, "batch": batch, "temporal": temporal}
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one video per block: spread over actors
     return ds.map_batches(_VideoActor, batch_size=1, batch_format="numpy", runtime_env=env, **args).iter_rows()
@@ -421,9 +459,15 @@ class _Tally:
     frames: int = 0
 
 
-def _tally(rows: Iterable[dict], progress: Progress, tally: _Tally) -> _Tally:
+def _tally(rows: Iterable[dict], progress: Progress, tally: _Tally, note: Callable[[str], None]) -> _Tally:
+    """Count the rows as they come; ``note`` gets the first warm-up line an actor returned (each actor of the
+    pool prepares the same set: one line says it)."""
     done, failed, frames = tally.done, tally.failed, tally.frames
+    noted = False
     for row in rows:
+        if row.get("note") and not noted:
+            noted = True
+            note(str(row["note"]))
         if row["error"]:
             failed += 1
             progress.error(str(row["error"]))
@@ -474,15 +518,18 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
             placement = place(backend=options.backend, device=options.device, precision=options.precision,
                               cluster=ray.cluster_resources(), nodes=nodes, actors=actors, threads=options.threads)
             log(placement.describe())
+            plans = shape_plans(jobs, options, placement, batch)
             started = time.perf_counter()
             tally = _Tally()
             with _data_settings(ray):
                 if images:
                     tally = _tally(_image_rows(ray, images, placement, options, background=background, batch=batch,
-                                               env=env), progress, tally)
+                                               env=env, warm=plans["image"]), progress, tally,
+                                   lambda line: log(f"ray: image actor warm-up: {line}"))
                 if videos:
                     tally = _tally(_video_rows(ray, videos, placement, options, background=background, batch=batch,
-                                               temporal=temporal, env=env), progress, tally)
+                                               temporal=temporal, env=env, warm=plans["video"]), progress, tally,
+                                   lambda line: log(f"ray: video actor warm-up: {line}"))
     except KeyboardInterrupt:
         _remove_partials(jobs)  # after the shutdown above: no worker of ours is left to write
         raise
