@@ -151,15 +151,42 @@ def _max_diff(a, b) -> float:
 # --------------------------------------------------------------------------
 
 
+# What each row is held to. fp32: the bounds of the project's claim (a faithful port). Half
+# precision: the same form at the same precision on the CPU, run here beside the device. The bounds of
+# model/precision.py are the optimized form's targets, not a property of every model and size: the
+# faithful form cast whole (backbone included) exceeds them on the CPU too (generated model, bf16: max
+# 8.5e-2 at 128x128; real model, bf16: max 0.99 at 256x256, docs/REAL_MODEL.md), because the network
+# amplifies the rounding of its early layers. A device's half-precision kernels round in another order,
+# which moves the error by about its own size, not more: the device passes when its error is within
+# HALF_SLACK times the CPU's (or under the bounds).
+HALF_SLACK = 2.0
+
+
+def _held_to(precision: str, cpu):
+    """The bounds a device row is held to: the claim for fp32; for half precision the looser of the claim
+    and HALF_SLACK times the CPU's own error at that form and precision (``cpu``: its CaseResult)."""
+    from modnet_npu.model.precision import MAE_THRESHOLDS, MAX_ERROR_THRESHOLD
+    from modnet_npu.proof.parity import Thresholds
+
+    claim = Thresholds(MAE_THRESHOLDS[precision], MAX_ERROR_THRESHOLD)
+    if precision == "fp32" or cpu is None:
+        return claim
+    # strictly above the CPU's own error: run_case passes below the bounds, not at them
+    return Thresholds(max(claim.mae, HALF_SLACK * cpu.floats.mae), max(claim.max_error, HALF_SLACK * cpu.floats.max_error))
+
+
 def _parity_rows(path: str, device) -> list[dict]:
-    """Every form and precision on the device against ONNX Runtime, at each of SIZES, on the portrait."""
+    """Every form and precision on the device against ONNX Runtime, at each of SIZES, on the portrait; half
+    precision beside the same form and precision on the CPU (``_held_to``)."""
     from modnet_npu.conversion.convert import build_torch_model_from_onnx
     from modnet_npu.matting.imaging import load_image
-    from modnet_npu.model.precision import MAE_THRESHOLDS, MAX_ERROR_THRESHOLD, PRECISIONS
+    from modnet_npu.model.precision import PRECISIONS
     from modnet_npu.proof.parity import Case, Thresholds, run_case
     from modnet_npu.runtime.engines import OrtEngine
 
     ort, rgb, rows = OrtEngine(path, threads=1), load_image(str(PORTRAIT)), []
+    sizes = [ort.fixed_size] if ort.fixed_size else [(s, s) for s in SIZES]
+    anything = Thresholds(float("inf"), float("inf"))
     for form in ("faithful", "optimized"):
         model = build_torch_model_from_onnx(path, optimize=form == "optimized")
         for precision in PRECISIONS:
@@ -168,11 +195,17 @@ def _parity_rows(path: str, device) -> list[dict]:
             except devices.DeviceError as exc:  # bf16 on a part without it
                 rows.append({"form": form, "precision": precision, "skipped": str(exc)})
                 continue
-            bounds = Thresholds(MAE_THRESHOLDS[precision], MAX_ERROR_THRESHOLD)
-            for size in [ort.fixed_size] if ort.fixed_size else [(s, s) for s in SIZES]:
-                r = run_case(Case(str(PORTRAIT), rgb, size), ort, engine, bounds)
+            cpu = None if precision == "fp32" else _engine(model, torch.device("cpu"), precision=precision)
+            for size in sizes:
+                case = Case(str(PORTRAIT), rgb, size)
+                on_cpu = None if cpu is None else run_case(case, ort, cpu, anything)
+                bounds = _held_to(precision, on_cpu)
+                r = run_case(case, ort, engine, bounds)
                 rows.append({"form": form, "precision": precision, "size": list(size), "mae": r.floats.mae,
-                             "max_error": r.floats.max_error, "bound_mae": bounds.mae, "passed": r.passed})
+                             "max_error": r.floats.max_error, "bound_mae": bounds.mae,
+                             "bound_max_error": bounds.max_error, "passed": r.passed,
+                             **({} if on_cpu is None else {"cpu_mae": on_cpu.floats.mae,
+                                                           "cpu_max_error": on_cpu.floats.max_error})})
     return rows
 
 
