@@ -7,6 +7,7 @@ import torch
 
 from modnet_npu.runtime import devices
 from modnet_npu.runtime import engines
+from modnet_npu.runtime.torch_engine import TorchEngine
 from modnet_npu.runtime.acceleration import FastPathError
 from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 
@@ -51,7 +52,7 @@ class Probe(torch.nn.Module):
 def test_engine_sets_the_npu_up_before_the_model_reaches_it():
     with FakeNpu(device_count=2) as npu:
         probe = Probe(npu)
-        engine = engines.TorchEngine(probe, fake_device(1), graphs="auto")
+        engine = TorchEngine(probe, fake_device(1), graphs="auto")
         settings = engine.device_settings()
     assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable"
     assert probe.at_move["current"] == 1 and "set_device" in probe.at_move["calls"]
@@ -63,7 +64,7 @@ def test_engine_sets_the_npu_up_before_the_model_reaches_it():
 def test_engine_strict_fp32_is_in_force_before_the_first_forward():
     with FakeNpu(device_count=1) as npu:
         probe = Probe(npu)
-        engine = engines.TorchEngine(probe, fake_device(0), strict_fp32=True)
+        engine = TorchEngine(probe, fake_device(0), strict_fp32=True)
     assert probe.at_move["options"]["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
     assert probe.at_move["options"]["ALLOW_CONV_HF32"] == "disable"
     assert engine.settings.in_force["ALLOW_MATMUL_HF32"] == "disable"
@@ -74,14 +75,14 @@ def test_engine_reads_the_options_back_once_the_device_is_initialised():
         npu.options["ACL_PRECISION_MODE"] = "allow_fp32_to_fp16"
 
     with FakeNpu(device_count=1) as npu:
-        engine = engines.TorchEngine(Probe(npu, cann_refuses_precision_mode), fake_device(0), strict_fp32=True)
+        engine = TorchEngine(Probe(npu, cann_refuses_precision_mode), fake_device(0), strict_fp32=True)
     assert engine.settings.requested["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
     assert engine.settings.in_force["ACL_PRECISION_MODE"] == "allow_fp32_to_fp16"
 
 
 def test_engine_synchronises_the_chosen_npu_and_calls_it_there():
     with FakeNpu(device_count=2) as npu:
-        engine = engines.TorchEngine(Probe(npu), fake_device(1), graphs="off")
+        engine = TorchEngine(Probe(npu), fake_device(1), graphs="off")
         npu.calls.clear()
         engine.timed(torch.ones(1, 3, 4, 4))
     assert npu.called("synchronize") == [(1,), (1,)]
@@ -90,7 +91,7 @@ def test_engine_synchronises_the_chosen_npu_and_calls_it_there():
 
 def test_engine_graphs_on_fails_with_the_capture_reason():
     with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR) as npu:
-        engine = engines.TorchEngine(Probe(npu), fake_device(0), graphs="on")
+        engine = TorchEngine(Probe(npu), fake_device(0), graphs="on")
         x = torch.ones(1, 3, 4, 4)
         engine.runner(x)
         with pytest.raises(FastPathError, match="graph capture failed for input 1x3x4x4 float32 .*aclop"):
@@ -100,7 +101,7 @@ def test_engine_graphs_on_fails_with_the_capture_reason():
 def test_engine_graphs_auto_reports_failed_captures():
     logged = []
     with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR) as npu:
-        engine = engines.TorchEngine(Probe(npu), fake_device(0), graphs="auto", log=logged.append)
+        engine = TorchEngine(Probe(npu), fake_device(0), graphs="auto", log=logged.append)
         x = torch.ones(1, 3, 4, 4)
         for _ in range(3):
             assert torch.equal(engine.runner(x), x * 2)
@@ -114,7 +115,7 @@ def test_engine_bf16_on_an_npu_without_it_fails_before_the_model_moves():
     with FakeNpu(device_count=1, bf16=False) as npu:
         probe = Probe(npu)
         with pytest.raises(devices.DeviceError, match="no bfloat16 support"):
-            engines.TorchEngine(probe, fake_device(0), precision="bf16")
+            TorchEngine(probe, fake_device(0), precision="bf16")
     assert probe.at_move is None
     assert npu.names().index("config.allow_internal_format") < npu.names().index("is_bf16_supported")
 
@@ -124,12 +125,12 @@ def test_engine_notes_the_environment(monkeypatch):
     monkeypatch.delenv("TASK_QUEUE_ENABLE", raising=False)
     logged = []
     with FakeNpu(device_count=1) as npu:
-        engines.TorchEngine(Probe(npu), fake_device(0), log=logged.append)
+        TorchEngine(Probe(npu), fake_device(0), log=logged.append)
     assert logged and logged[0].startswith("note: ACL_OP_INIT_MODE=2")
 
 
 def test_engine_on_the_cpu_reports_its_fast_path():
-    engine = engines.TorchEngine(torch.nn.Conv2d(3, 1, 1), torch.device("cpu"), threads=2)
+    engine = TorchEngine(torch.nn.Conv2d(3, 1, 1), torch.device("cpu"), threads=2)
     try:
         out = engine.infer(np.ones((2, 3, 8, 8), np.float32))
         stats = engine.fast_path_stats()
@@ -184,7 +185,7 @@ class Recorder(torch.nn.Module):
 def _tape_engine(model, logged=None):
     from fake_replay import TapeGraphs
 
-    return engines.TorchEngine(model, torch.device("cpu"), graphs="on", threads=1, capture=TapeGraphs(),
+    return TorchEngine(model, torch.device("cpu"), graphs="on", threads=1, capture=TapeGraphs(),
                                log=(logged.append if logged is not None else lambda m: None))
 
 
@@ -231,7 +232,7 @@ def test_warm_up_prepares_the_set_then_nothing_is_captured_inside_a_request():
 
 def test_warm_up_without_a_per_shape_fast_path_runs_the_first_forwards():
     model = Recorder().eval()
-    engine = engines.TorchEngine(model, torch.device("cpu"), threads=1)
+    engine = TorchEngine(model, torch.device("cpu"), threads=1)
     stats = engine.warm_up([(8, 8)], max_batch=8)
     assert model.shapes == [(1, 3, 8, 8), (2, 3, 8, 8)] and not stats.sealed and stats.batch_sizes == ()
     assert engine.description == "PyTorch on cpu (fp32; eager)"

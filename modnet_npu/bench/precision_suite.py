@@ -67,7 +67,7 @@ def _torch_engine(model_path: str, form: str, precision: str, device: str, threa
     from modnet_npu.conversion.convert import convert
     from modnet_npu.model.optimized import optimize
     from modnet_npu.runtime import devices
-    from modnet_npu.runtime.engines import TorchEngine
+    from modnet_npu.runtime.torch_engine import TorchEngine
 
     model = convert(model_path).model
     model = optimize(model) if form == "optimized" else model
