@@ -1,6 +1,9 @@
 """Choosing an engine; TorchEngine readies the device (NPU through tests/fake_npu.py) and reports its fast path."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +18,49 @@ from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 def test_auto_backend_choice(monkeypatch):
     assert engines.choose_backend("ort", "auto")[0] == "ort"
     assert engines.choose_backend("auto", "cpu")[0] == "torch"
+    monkeypatch.setattr(devices, "accelerator_signs", lambda: ("/dev/nvidia0",))  # a sign: torch is asked
     monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cpu"))
     backend, why = engines.choose_backend("auto", "auto")
-    assert backend == "ort" and "faster engine" in why
+    assert backend == "ort" and "faster engine" in why and "PyTorch finds no accelerator (/dev/nvidia0 seen)" in why
     monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cuda", 0))
-    assert engines.choose_backend("auto", "auto")[0] == "torch"
+    assert engines.choose_backend("auto", "auto") == ("torch", "accelerator cuda:0 found")
+
+
+def test_auto_decides_without_asking_torch_where_no_accelerator_can_be(monkeypatch):
+    def ask_torch(spec):
+        raise AssertionError("torch was asked")
+
+    monkeypatch.setattr(devices, "select_device", ask_torch)
+    monkeypatch.setattr(devices, "accelerator_signs", lambda: ())
+    backend, why = engines.choose_backend("auto", "auto")
+    assert backend == "ort" and why.startswith("no torch_npu and no GPU driver on this machine: ")
+    # signs, but no PyTorch to ask: ONNX Runtime, saying why
+    monkeypatch.setattr(devices, "accelerator_signs", lambda: ("/dev/kfd",))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert engines.choose_backend("auto", "auto") == (
+        "ort", "PyTorch is not installed (/dev/kfd seen): ONNX Runtime is the faster engine on a CPU")
+
+
+def test_accelerator_signs_are_read_without_torch(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    npu: list[str] = []  # "torch_npu" there: torch_npu is importable
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if npu else None) if name == "torch_npu" else real(name, *a))
+    monkeypatch.setattr(devices, "GPU_DRIVER_PATHS", (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd")))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert devices.accelerator_signs() == ()
+    (tmp_path / "nvidia1").touch()
+    (tmp_path / "nvidia0").touch()
+    assert devices.accelerator_signs() == (str(tmp_path / "nvidia0"),)  # one per driver path, not per GPU
+    (tmp_path / "kfd").touch()
+    npu.append("torch_npu")
+    assert devices.accelerator_signs() == ("torch_npu installed", str(tmp_path / "nvidia0"), str(tmp_path / "kfd"))
+    npu.clear()
+    monkeypatch.setattr(sys, "platform", "darwin")  # MPS: torch is asked on every Mac
+    assert devices.accelerator_signs() == ("macOS (MPS)",)
+    monkeypatch.setattr(sys, "platform", "win32")  # drivers this does not read: torch is asked
+    assert devices.accelerator_signs() == ("win32 (GPU drivers not looked for)",)
 
 
 # --------------------------------------------------------------------------

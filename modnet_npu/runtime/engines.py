@@ -171,19 +171,15 @@ class OrtEngine:
 # --------------------------------------------------------------------------
 
 
-def _local_accelerator() -> tuple[str, str]:
-    chosen = devices.select_device("auto")
-    return chosen.type, "no accelerator found" if chosen.type == "cpu" else f"accelerator {chosen} found"
-
-
 def choose_backend(backend: str, device: str, precision: str = "fp32") -> tuple[str, str]:
     """``auto``: PyTorch when an accelerator is there (or asked for), ONNX Runtime on a CPU-only machine.
 
     On a CPU, ONNX Runtime is the faster engine for MODNet (README, benchmark.py
     engines); on an accelerator, PyTorch is the one that uses it. Returns
-    (backend, why); the decision is ``options.choose_engine``'s, asked about this machine.
+    (backend, why); the decision is ``options.choose_engine``'s, asked about this machine
+    (``devices.find_accelerator``: without importing torch where no accelerator can be there).
     """
-    choice = choose_engine(backend, device, precision, find_accelerator=_local_accelerator)
+    choice = choose_engine(backend, device, precision, find_accelerator=devices.find_accelerator)
     return choice.backend, choice.why
 
 
