@@ -35,7 +35,7 @@ from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.options import (BACKEND_CHOICES, BACKENDS, EngineOptions, check_cpu_only,  # noqa: F401
                                         check_ort, choose_engine)
-from modnet_npu.runtime.process_setup import effective_threads
+from modnet_npu.runtime.process_setup import apply_torch_threads, effective_threads
 from modnet_npu.matting.imaging import Size
 from modnet_npu.model.precision import check as check_precision
 
@@ -202,6 +202,7 @@ def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOpt
                               validate=validate)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    apply_torch_threads()  # the entry point's thread count, where it did not load torch for it (setup_process)
     from modnet_npu.conversion.convert import build_torch_model_from_onnx
     from modnet_npu.runtime.torch_engine import TorchEngine
 
