@@ -117,12 +117,16 @@ def test_the_torch_path_without_compile_imports_no_dynamo(tmp_path, photo, webnn
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's /proc/PID/maps")
-def test_the_service_on_ort_loads_no_torch(tmp_path, webnn_file):
+@pytest.mark.parametrize("backend", ["ort", "auto"])
+def test_the_service_on_ort_loads_no_torch(tmp_path, webnn_file, backend):
+    from modnet_npu.runtime import devices
     from modnet_npu.service.child import ServerProcess
 
+    if backend == "auto" and devices.accelerator_signs():
+        pytest.skip(f"this machine shows {', '.join(devices.accelerator_signs())}: auto asks torch here")
     image = tmp_path / "photo.png"
     Image.open(PORTRAIT).convert("RGB").resize((96, 64)).save(image)
-    args = ["--model", webnn_file, "--backend", "ort", "--threads", "1"]
+    args = ["--model", webnn_file, "--backend", backend, "--threads", "1"]
     with ServerProcess(args, log_path=str(tmp_path / "serve.log"), start_timeout=120) as server:
         answer = httpx.post(f"{server.url}/api/remove", files={"file": ("photo.png", image.read_bytes())},
                             timeout=60)
@@ -130,4 +134,4 @@ def test_the_service_on_ort_loads_no_torch(tmp_path, webnn_file):
         maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     libraries = {line.split()[-1] for line in maps.splitlines() if ".so" in line}
     assert any("onnxruntime" in lib for lib in libraries)  # the reading works: the engine's own library is there
-    assert not [lib for lib in libraries if "libtorch" in lib], "serve.py --backend ort loaded torch"
+    assert not [lib for lib in libraries if "libtorch" in lib], f"serve.py --backend {backend} loaded torch"
