@@ -1,4 +1,4 @@
-"""The two inference engines behind one interface, for every tool of the project.
+"""The inference engines behind one interface, for every tool of the project.
 
 An engine takes normalised ``(N, 3, h, w)`` float32 input and returns
 ``(N, h, w)`` float32 alpha (:meth:`infer`); :meth:`timed` measures one
@@ -15,7 +15,7 @@ Each has a ``description`` (the engine in words, for a user) and a ``fast_path``
 
 :func:`ort_session` is the one place an ONNX Runtime session is configured.
 :func:`check_model` is the one model check of every path (local, Ray, service).
-:func:`open_engine` builds either from a model file and ``options.EngineOptions``;
+:func:`open_engine` builds one from a model file and ``options.EngineOptions``;
 :func:`choose_backend` decides ``auto`` (with ``options.choose_engine``).
 
 Nothing here imports torch: the ONNX Runtime and OpenVINO paths start without it
