@@ -316,7 +316,8 @@ def probe_pipeline_timing(model: str, image: str, runs: int, warmup: int, thread
     import torch
 
     from modnet_npu.conversion.convert import convert
-    from modnet_npu.runtime.engines import OrtEngine, TorchEngine
+    from modnet_npu.runtime.engines import OrtEngine
+    from modnet_npu.runtime.torch_engine import TorchEngine
     from modnet_npu.matting.imaging import load_image, normalize, resize_rgb
     from modnet_npu.model.optimized import optimize
     from modnet_npu.proof.timing import interleaved

@@ -117,7 +117,7 @@ def _info(args: argparse.Namespace) -> Callable[[str], None]:
 def _open_matter(args: argparse.Namespace, options: EngineOptions) -> Matter:
     from modnet_npu.runtime.process_setup import setup_process
 
-    settings = setup_process(threads=options.threads,
+    settings = setup_process(threads=options.threads, defer_torch=True,  # ONNX Runtime needs no torch
                              compile_cache_dir=os.path.join(options.models_dir, ".compile-cache"))
     return Matter(replace(options, threads=settings.threads), log=_info(args))
 

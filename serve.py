@@ -202,7 +202,7 @@ def _start(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
 
     # once, before the model is built: threads, allocator, PIL's own pixel limit (ours is checked first)
     proc = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"),
-                         max_image_pixels=int(args.max_pixels * 1_000_000))
+                         max_image_pixels=int(args.max_pixels * 1_000_000), defer_torch=True)
     try:
         settings = _settings(args)
     except ValueError as exc:  # a limit out of range or at odds with another: a bad option, before the model loads

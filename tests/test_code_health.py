@@ -22,6 +22,22 @@ TORCH_FREE = (
     f"{PACKAGE}.errors",
     f"{PACKAGE}.cli",
     f"{PACKAGE}.runtime.process_setup",  # sets OpenMP's spin bound, which only counts before torch loads
+    # the ONNX Runtime and OpenVINO paths, which start without torch (import torch alone takes seconds):
+    # options, the device facts (--backend auto decides without torch on a machine without an accelerator),
+    # the engines and the torch-free model check, the matting API and its jobs, the Ray driver, the service,
+    # and the two command lines that run them
+    f"{PACKAGE}.runtime.options",
+    f"{PACKAGE}.runtime.devices",
+    f"{PACKAGE}.runtime.engines",
+    f"{PACKAGE}.runtime.openvino_engine",
+    f"{PACKAGE}.graph.contract",
+    f"{PACKAGE}.matting.matter",
+    f"{PACKAGE}.matting.jobs",
+    f"{PACKAGE}.matting.scaleout",
+    f"{PACKAGE}.service.core",
+    f"{PACKAGE}.service.app",
+    "inference",
+    "serve",
 )
 
 

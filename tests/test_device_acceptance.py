@@ -132,7 +132,7 @@ def forms(generated):
 
 
 def _engine(model, device, **kw):
-    from modnet_npu.runtime.engines import TorchEngine
+    from modnet_npu.runtime.torch_engine import TorchEngine
 
     return TorchEngine(copy.deepcopy(model), device, threads=1, **kw)
 

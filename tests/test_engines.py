@@ -1,12 +1,16 @@
 """Choosing an engine; TorchEngine readies the device (NPU through tests/fake_npu.py) and reports its fast path."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from modnet_npu.runtime import devices
 from modnet_npu.runtime import engines
+from modnet_npu.runtime.torch_engine import TorchEngine
 from modnet_npu.runtime.acceleration import FastPathError
 from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 
@@ -14,11 +18,49 @@ from fake_npu import ACLOP_CAPTURE_ERROR, FakeNpu, fake_device
 def test_auto_backend_choice(monkeypatch):
     assert engines.choose_backend("ort", "auto")[0] == "ort"
     assert engines.choose_backend("auto", "cpu")[0] == "torch"
+    monkeypatch.setattr(devices, "accelerator_signs", lambda: ("/dev/nvidia0",))  # a sign: torch is asked
     monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cpu"))
     backend, why = engines.choose_backend("auto", "auto")
-    assert backend == "ort" and "faster engine" in why
+    assert backend == "ort" and "faster engine" in why and "PyTorch finds no accelerator (/dev/nvidia0 seen)" in why
     monkeypatch.setattr(devices, "select_device", lambda spec: torch.device("cuda", 0))
-    assert engines.choose_backend("auto", "auto")[0] == "torch"
+    assert engines.choose_backend("auto", "auto") == ("torch", "accelerator cuda:0 found")
+
+
+def test_auto_decides_without_asking_torch_where_no_accelerator_can_be(monkeypatch):
+    def ask_torch(spec):
+        raise AssertionError("torch was asked")
+
+    monkeypatch.setattr(devices, "select_device", ask_torch)
+    monkeypatch.setattr(devices, "accelerator_signs", lambda: ())
+    backend, why = engines.choose_backend("auto", "auto")
+    assert backend == "ort" and why.startswith("no torch_npu and no GPU driver on this machine: ")
+    # signs, but no PyTorch to ask: ONNX Runtime, saying why
+    monkeypatch.setattr(devices, "accelerator_signs", lambda: ("/dev/kfd",))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert engines.choose_backend("auto", "auto") == (
+        "ort", "PyTorch is not installed (/dev/kfd seen): ONNX Runtime is the faster engine on a CPU")
+
+
+def test_accelerator_signs_are_read_without_torch(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    npu: list[str] = []  # "torch_npu" there: torch_npu is importable
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if npu else None) if name == "torch_npu" else real(name, *a))
+    monkeypatch.setattr(devices, "GPU_DRIVER_PATHS", (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd")))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert devices.accelerator_signs() == ()
+    (tmp_path / "nvidia1").touch()
+    (tmp_path / "nvidia0").touch()
+    assert devices.accelerator_signs() == (str(tmp_path / "nvidia0"),)  # one per driver path, not per GPU
+    (tmp_path / "kfd").touch()
+    npu.append("torch_npu")
+    assert devices.accelerator_signs() == ("torch_npu installed", str(tmp_path / "nvidia0"), str(tmp_path / "kfd"))
+    npu.clear()
+    monkeypatch.setattr(sys, "platform", "darwin")  # MPS: torch is asked on every Mac
+    assert devices.accelerator_signs() == ("macOS (MPS)",)
+    monkeypatch.setattr(sys, "platform", "win32")  # drivers this does not read: torch is asked
+    assert devices.accelerator_signs() == ("win32 (GPU drivers not looked for)",)
 
 
 # --------------------------------------------------------------------------
@@ -51,7 +93,7 @@ class Probe(torch.nn.Module):
 def test_engine_sets_the_npu_up_before_the_model_reaches_it():
     with FakeNpu(device_count=2) as npu:
         probe = Probe(npu)
-        engine = engines.TorchEngine(probe, fake_device(1), graphs="auto")
+        engine = TorchEngine(probe, fake_device(1), graphs="auto")
         settings = engine.device_settings()
     assert probe.at_move["options"]["ALLOW_INTERNAL_FORMAT"] == "disable"
     assert probe.at_move["current"] == 1 and "set_device" in probe.at_move["calls"]
@@ -63,7 +105,7 @@ def test_engine_sets_the_npu_up_before_the_model_reaches_it():
 def test_engine_strict_fp32_is_in_force_before_the_first_forward():
     with FakeNpu(device_count=1) as npu:
         probe = Probe(npu)
-        engine = engines.TorchEngine(probe, fake_device(0), strict_fp32=True)
+        engine = TorchEngine(probe, fake_device(0), strict_fp32=True)
     assert probe.at_move["options"]["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
     assert probe.at_move["options"]["ALLOW_CONV_HF32"] == "disable"
     assert engine.settings.in_force["ALLOW_MATMUL_HF32"] == "disable"
@@ -74,14 +116,14 @@ def test_engine_reads_the_options_back_once_the_device_is_initialised():
         npu.options["ACL_PRECISION_MODE"] = "allow_fp32_to_fp16"
 
     with FakeNpu(device_count=1) as npu:
-        engine = engines.TorchEngine(Probe(npu, cann_refuses_precision_mode), fake_device(0), strict_fp32=True)
+        engine = TorchEngine(Probe(npu, cann_refuses_precision_mode), fake_device(0), strict_fp32=True)
     assert engine.settings.requested["ACL_PRECISION_MODE"] == "must_keep_origin_dtype"
     assert engine.settings.in_force["ACL_PRECISION_MODE"] == "allow_fp32_to_fp16"
 
 
 def test_engine_synchronises_the_chosen_npu_and_calls_it_there():
     with FakeNpu(device_count=2) as npu:
-        engine = engines.TorchEngine(Probe(npu), fake_device(1), graphs="off")
+        engine = TorchEngine(Probe(npu), fake_device(1), graphs="off")
         npu.calls.clear()
         engine.timed(torch.ones(1, 3, 4, 4))
     assert npu.called("synchronize") == [(1,), (1,)]
@@ -90,7 +132,7 @@ def test_engine_synchronises_the_chosen_npu_and_calls_it_there():
 
 def test_engine_graphs_on_fails_with_the_capture_reason():
     with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR) as npu:
-        engine = engines.TorchEngine(Probe(npu), fake_device(0), graphs="on")
+        engine = TorchEngine(Probe(npu), fake_device(0), graphs="on")
         x = torch.ones(1, 3, 4, 4)
         engine.runner(x)
         with pytest.raises(FastPathError, match="graph capture failed for input 1x3x4x4 float32 .*aclop"):
@@ -100,7 +142,7 @@ def test_engine_graphs_on_fails_with_the_capture_reason():
 def test_engine_graphs_auto_reports_failed_captures():
     logged = []
     with FakeNpu(device_count=1, capture_error=ACLOP_CAPTURE_ERROR) as npu:
-        engine = engines.TorchEngine(Probe(npu), fake_device(0), graphs="auto", log=logged.append)
+        engine = TorchEngine(Probe(npu), fake_device(0), graphs="auto", log=logged.append)
         x = torch.ones(1, 3, 4, 4)
         for _ in range(3):
             assert torch.equal(engine.runner(x), x * 2)
@@ -114,7 +156,7 @@ def test_engine_bf16_on_an_npu_without_it_fails_before_the_model_moves():
     with FakeNpu(device_count=1, bf16=False) as npu:
         probe = Probe(npu)
         with pytest.raises(devices.DeviceError, match="no bfloat16 support"):
-            engines.TorchEngine(probe, fake_device(0), precision="bf16")
+            TorchEngine(probe, fake_device(0), precision="bf16")
     assert probe.at_move is None
     assert npu.names().index("config.allow_internal_format") < npu.names().index("is_bf16_supported")
 
@@ -124,12 +166,12 @@ def test_engine_notes_the_environment(monkeypatch):
     monkeypatch.delenv("TASK_QUEUE_ENABLE", raising=False)
     logged = []
     with FakeNpu(device_count=1) as npu:
-        engines.TorchEngine(Probe(npu), fake_device(0), log=logged.append)
+        TorchEngine(Probe(npu), fake_device(0), log=logged.append)
     assert logged and logged[0].startswith("note: ACL_OP_INIT_MODE=2")
 
 
 def test_engine_on_the_cpu_reports_its_fast_path():
-    engine = engines.TorchEngine(torch.nn.Conv2d(3, 1, 1), torch.device("cpu"), threads=2)
+    engine = TorchEngine(torch.nn.Conv2d(3, 1, 1), torch.device("cpu"), threads=2)
     try:
         out = engine.infer(np.ones((2, 3, 8, 8), np.float32))
         stats = engine.fast_path_stats()
@@ -184,7 +226,7 @@ class Recorder(torch.nn.Module):
 def _tape_engine(model, logged=None):
     from fake_replay import TapeGraphs
 
-    return engines.TorchEngine(model, torch.device("cpu"), graphs="on", threads=1, capture=TapeGraphs(),
+    return TorchEngine(model, torch.device("cpu"), graphs="on", threads=1, capture=TapeGraphs(),
                                log=(logged.append if logged is not None else lambda m: None))
 
 
@@ -231,7 +273,7 @@ def test_warm_up_prepares_the_set_then_nothing_is_captured_inside_a_request():
 
 def test_warm_up_without_a_per_shape_fast_path_runs_the_first_forwards():
     model = Recorder().eval()
-    engine = engines.TorchEngine(model, torch.device("cpu"), threads=1)
+    engine = TorchEngine(model, torch.device("cpu"), threads=1)
     stats = engine.warm_up([(8, 8)], max_batch=8)
     assert model.shapes == [(1, 3, 8, 8), (2, 3, 8, 8)] and not stats.sealed and stats.batch_sizes == ()
     assert engine.description == "PyTorch on cpu (fp32; eager)"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modnet_npu.runtime import engines
+from modnet_npu.runtime import torch_engine
 import run_npu_inference as rni
 from conftest import PORTRAIT
 
@@ -35,13 +35,13 @@ def photos(tmp_path_factory):
 
 def _corrupt_landscape(monkeypatch):
     """The PyTorch engine goes wrong on the landscape's input shape only (256 high, 512 wide)."""
-    real = engines.TorchEngine.infer
+    real = torch_engine.TorchEngine.infer
 
     def infer(self, x):
         out = real(self, x)
         return out + 0.2 if x.shape[2:] == (256, 512) else out
 
-    monkeypatch.setattr(engines.TorchEngine, "infer", infer)
+    monkeypatch.setattr(torch_engine.TorchEngine, "infer", infer)
 
 
 def _main(argv):

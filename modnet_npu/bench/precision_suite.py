@@ -88,7 +88,7 @@ def _fresh_model(conversion: Conversion, form: str):
 def _torch_engine(model_path: str, form: str, precision: str, device: str, threads: int, *,
                   conversion: Conversion | None = None):
     from modnet_npu.runtime import devices
-    from modnet_npu.runtime.engines import TorchEngine
+    from modnet_npu.runtime.torch_engine import TorchEngine
 
     model = _fresh_model(_conversion(model_path, conversion), form)
     return TorchEngine(model, devices.select_device(device), precision=precision, strict_fp32=True, threads=threads)

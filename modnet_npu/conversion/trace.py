@@ -1,10 +1,14 @@
 """The PyTorch side of the conversion: MODNet's weight-carrying units, by tracing data.
 
-The model is built on the ``meta`` device (no memory, no arithmetic) and run
-once under a dispatch mode that follows data through every operator, so each
-Conv2d, BatchNorm2d and Linear learns which units (or the image input) its
-input came from. A BatchNorm reading a Conv's output directly joins that Conv's
-unit, as on the ONNX side.
+The model is built on the ``meta`` device (no weight initialisation), given
+zeroed CPU memory and run once on a small input under a dispatch mode that
+follows data through every operator, so each Conv2d, BatchNorm2d and Linear
+learns which units (or the image input) its input came from. A BatchNorm
+reading a Conv's output directly joins that Conv's unit, as on the ONNX side.
+
+Not on ``meta`` itself: torch's Python meta kernels (batch norm's among them)
+import ``torch._dynamo`` there, seconds that the torch path without
+``--compile`` never needs; the CPU's own kernels at 64x64 cost less.
 """
 from __future__ import annotations
 
@@ -43,6 +47,13 @@ class _Provenance(TorchDispatchMode):
         self.deps: dict[int, frozenset[str]] = {}
         self.keep: list[torch.Tensor] = []  # ids stay unique while tensors live
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._disable_dynamo otherwise, whose first call imports
+        # torch._dynamo (a second or more): nothing is compiled here, and the torch path without --compile
+        # should not pay for it (the hook torch's own docstring shows for opting out)
+        return False
+
     def of(self, obj: object) -> frozenset[str]:
         leaves, _ = tree_flatten(obj)
         return frozenset().union(*(self.deps.get(id(t), frozenset()) for t in leaves if isinstance(t, torch.Tensor)))
@@ -75,6 +86,10 @@ def trace_model_units(cfg: MODNetConfig = MODNetConfig(), size: int = 64) -> lis
     """The weight-carrying units of MODNet in execution order, with their predecessors."""
     with torch.device("meta"):
         model = MODNet(cfg).eval()
+    model = model.to_empty(device="cpu")  # real kernels, no Python meta kernels (see the module's docstring)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.zero_()  # values never matter, but uninitialised memory may hold NaN or denormals
     tracker = _Provenance()
     names = {m: n for n, m in model.named_modules()}
     produced_by_conv: dict[int, str] = {}
@@ -101,7 +116,7 @@ def trace_model_units(cfg: MODNetConfig = MODNetConfig(), size: int = 64) -> lis
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
             hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    x = torch.empty(1, cfg.in_channels, size, size, device="meta")
+    x = torch.zeros(1, cfg.in_channels, size, size)
     try:
         with tracker:
             tracker.set(x, frozenset([INPUT]))

@@ -11,18 +11,32 @@ more (every layer matched to MODNet's).
 
 Failures raise :class:`NotAMattingModel` (one line, naming what differs), or
 ``OnnxReadError`` for a file that is not readable ONNX at all.
+
+A file whose sha256 is one this check has passed (:data:`KNOWN_CONTRACTS`: the
+default model) gets that verdict from its digest: hashing it costs a few
+hundredths of a second, importing onnx alone most of a second of CPU (ml_dtypes
+registering its types with numpy), so the default model's ONNX Runtime and
+OpenVINO paths start without onnx. Any other file is read and checked in full.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import onnx
+from typing import TYPE_CHECKING
 
 from modnet_npu.errors import ModnetError
-from modnet_npu.graph.weights import OnnxReadError, load_onnx  # noqa: F401  (OnnxReadError: callers catch it)
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+if TYPE_CHECKING:
+    import onnx
+
+# The files this check has passed, by sha256, with the contract it found there (input name, input shape, output
+# shape): the same bytes get the same verdict without being parsed. tests/test_startup.py runs the full check on
+# the real file and compares, so a stricter check cannot leave a stale entry here.
+KNOWN_CONTRACTS: dict[str, tuple[str, tuple[int | None, ...], tuple[int | None, ...]]] = {
+    # onnx-community/modnet-webnn onnx/model.onnx, the default model (source.resolve.KNOWN_SHA256)
+    "07c308cf0fc7e6e8b2065a12ed7fc07e1de8febb7dc7839d7b7f15dd66584df9": ("input", (None, 3, None, None),
+                                                                          (None, 1, None, None)),
+}
 
 
 class NotAMattingModel(ModnetError, ValueError):
@@ -53,11 +67,17 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
 
 def check_matting_file(path: str | os.PathLike[str]) -> Contract:
     """The file's contract, once it is one MODNet's engines can run; NotAMattingModel naming what differs."""
+    from modnet_npu.graph.weights import load_onnx
+
     path = os.fspath(path)
     return _contract_of(load_onnx(path), path)
 
 
 def _contract_of(model: onnx.ModelProto, path: str) -> Contract:
+    import onnx
+
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                   onnx.TensorProto.DOUBLE}
     graph = model.graph
     weights = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in weights]  # old exporters list weights as inputs too
@@ -69,7 +89,7 @@ def _contract_of(model: onnx.ModelProto, path: str) -> Contract:
     inp, out = inputs[0], graph.output[0]
     for what, value, channels in (("input", inp, 3), ("output", out, 1)):
         dims = _dims(value)
-        if value.type.tensor_type.elem_type not in FLOAT_TYPES:
+        if value.type.tensor_type.elem_type not in float_types:
             raise NotAMattingModel(f"{where}: the {what} {value.name!r} is not a float tensor")
         if dims is not None and (len(dims) != 4 or dims[1] not in (channels, None)):
             raise NotAMattingModel(f"{where}: the {what} {value.name!r} has shape {list(dims)}, "
@@ -90,16 +110,31 @@ MODNET_LINEARS = 2
 def check_model(path: str | os.PathLike[str]) -> Contract:
     """The one model check of every path (local, Ray, service; every backend), without torch.
 
-    The contract above, then the converter's ONNX side (``conversion.onnx_units``: units
-    found by following edges, whatever the exporter) must find MODNet's layers: a foreign
-    network with the right input and output is refused here, not run as if it were MODNet.
-    The PyTorch backend then converts the file, which also matches every layer's shape.
+    A file known by its sha256 (:data:`KNOWN_CONTRACTS`) gets its known contract.
+    Any other: the contract above, then the converter's ONNX side
+    (``conversion.onnx_units``: units found by following edges, whatever the
+    exporter) must find MODNet's layers: a foreign network with the right input
+    and output is refused here, not run as if it were MODNet. The PyTorch backend
+    then converts the file, which also matches every layer's shape.
     """
-    from modnet_npu.conversion.labels import ConvLabel, LinearLabel
-    from modnet_npu.conversion.onnx_units import analyse_onnx
-    from modnet_npu.graph.weights import OnnxWeights
+    from modnet_npu.source.resolve import sha256_of
 
     path = os.fspath(path)
+    try:
+        known = KNOWN_CONTRACTS.get(sha256_of(path)) if os.path.isfile(path) else None
+    except OSError:  # unreadable: the full check says why, in one line
+        known = None
+    if known is not None:
+        return Contract(path, *known)
+    return check_parsed(path)
+
+
+def check_parsed(path: str) -> Contract:
+    """:func:`check_model` reading and checking the file in full, whatever its digest."""
+    from modnet_npu.conversion.labels import ConvLabel, LinearLabel
+    from modnet_npu.conversion.onnx_units import analyse_onnx
+    from modnet_npu.graph.weights import OnnxWeights, load_onnx
+
     model = load_onnx(path)  # read once: the contract and the units both look at it
     contract = _contract_of(model, path)
     units = analyse_onnx(OnnxWeights(model, path)).units

@@ -322,7 +322,7 @@ class _Actor:
         from modnet_npu.matting.matter import Matter
         from modnet_npu.runtime.process_setup import setup_process
 
-        settings = setup_process(threads=options.threads,
+        settings = setup_process(threads=options.threads, defer_torch=True,  # ONNX Runtime needs no torch
                                  compile_cache_dir=os.path.join(options.models_dir, ".compile-cache"))
         self.options = options  # as received: every field, whole (tests compare them with the driver's)
         # the driver checked the model file (engines.check_model) before submitting: no repeat here

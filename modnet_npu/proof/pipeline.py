@@ -16,7 +16,8 @@ import torch
 from modnet_npu import DEFAULT_IMAGE, REPO_ROOT, routes
 from modnet_npu.runtime import devices
 from modnet_npu.conversion.convert import Conversion, convert
-from modnet_npu.runtime.engines import OrtEngine, TorchEngine
+from modnet_npu.runtime.engines import OrtEngine
+from modnet_npu.runtime.torch_engine import TorchEngine
 from modnet_npu.fileio import STALE_AFTER_S, clean_stale_parts, write_bytes, write_image, write_json
 from modnet_npu.matting.imaging import Size, parse_size_spec, to_uint8
 from modnet_npu.runtime.options import EngineOptions

@@ -1,4 +1,4 @@
-"""The ``torch`` route: the pipeline's own :class:`~modnet_npu.runtime.engines.TorchEngine`, adapted.
+"""The ``torch`` route: the pipeline's own :class:`~modnet_npu.runtime.torch_engine.TorchEngine`, adapted.
 
 Nothing is built here: the engine (converted model, device, precision, fast
 path) is the one the pipeline made, parity-checked and benchmarked. The route

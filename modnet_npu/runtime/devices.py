@@ -7,20 +7,29 @@ The rest of the project takes a ``torch.device`` and calls these functions.
 Device-type dispatch reads only ``device.type`` and ``device.index``, so the
 test suite's stand-in NPU device (``tests/fake_npu.py``) goes through the same
 code as a real ``torch.device``.
+
+The module imports torch only inside the functions that use it: importing torch
+takes seconds, and ``--backend auto`` on a machine with no sign of an
+accelerator (:func:`find_accelerator`) decides without it, so the ONNX Runtime
+and OpenVINO paths never load it.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import os
 import platform
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
-import torch
 from modnet_npu.errors import ModnetError, UsageError
 from modnet_npu.runtime.options import DEVICE_CHOICES, parse_device  # noqa: F401  (DEVICE_CHOICES re-exported)
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DeviceError(ModnetError, RuntimeError):
@@ -42,6 +51,7 @@ def import_torch_npu() -> Any:
 
 
 def _npu_available() -> bool:
+    import torch
     try:
         import_torch_npu()
     except DeviceError:
@@ -50,10 +60,12 @@ def _npu_available() -> bool:
 
 
 def _mps_available() -> bool:
+    import torch
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def _count(kind: str) -> int:
+    import torch
     if kind == "cuda":
         return torch.cuda.device_count()
     if kind == "npu":
@@ -62,6 +74,7 @@ def _count(kind: str) -> int:
 
 
 def _auto_device() -> torch.device:
+    import torch
     if _npu_available():
         return torch.device("npu", 0)
     if torch.cuda.is_available():
@@ -72,6 +85,7 @@ def _auto_device() -> torch.device:
 
 
 def _check_present(kind: str) -> None:
+    import torch
     if kind == "mps" and not _mps_available():
         raise DeviceError("device 'mps' asked for, but Apple MPS is not available on this machine")
     if kind == "npu":
@@ -85,6 +99,7 @@ def _check_present(kind: str) -> None:
 def select_device(spec: str = "auto") -> torch.device:
     """``auto`` picks NPU, then CUDA, then MPS, then CPU. An explicit device that
     is missing raises DeviceError instead of silently running on the CPU."""
+    import torch
     try:
         kind, index = parse_device(spec)  # the one parser of device strings
     except UsageError as exc:
@@ -98,6 +113,49 @@ def select_device(spec: str = "auto") -> torch.device:
     if i >= _count(kind):
         raise DeviceError(f"device '{kind}:{i}' asked for, but only {_count(kind)} {kind} device(s) are present")
     return torch.device(kind, i)
+
+
+# --------------------------------------------------------------------------
+# is there an accelerator at all? (without importing torch)
+# --------------------------------------------------------------------------
+
+# What a GPU driver leaves on a Linux machine before any framework looks: NVIDIA's kernel module (its /proc
+# entry, its device nodes; Jetson's integrated GPU; WSL's GPU paravirtualisation device) and ROCm's compute
+# interface. CUDA and ROCm builds of torch find no device without these.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/nvhost-ctrl-gpu",
+                    "/dev/dxg", "/dev/kfd")
+
+
+def accelerator_signs() -> tuple[str, ...]:
+    """What on this machine could be an accelerator that :func:`select_device` would pick, found without
+    importing torch: ``torch_npu`` importable, a GPU driver's files (:data:`GPU_DRIVER_PATHS`), macOS (MPS),
+    or a system whose drivers this does not read (neither Linux nor macOS). Empty: CPU only, certainly."""
+    signs = ["torch_npu installed"] if importlib.util.find_spec("torch_npu") is not None else []
+    if sys.platform == "darwin":  # MPS: Apple silicon, and Intel Macs with a Metal GPU on older torch builds
+        signs.append("macOS (MPS)")
+    elif sys.platform.startswith("linux"):
+        signs += [found for pattern in GPU_DRIVER_PATHS for found in sorted(glob.glob(pattern))[:1]]
+    else:
+        signs.append(f"{sys.platform} (GPU drivers not looked for)")
+    return tuple(signs)
+
+
+def find_accelerator() -> tuple[str, str]:
+    """(device kind, what was found, in words) for ``--backend auto`` on this machine.
+
+    Where nothing hints at an accelerator (:func:`accelerator_signs`), or PyTorch
+    is not installed, the answer is the CPU without importing torch; otherwise
+    torch's own (:func:`select_device`).
+    """
+    signs = accelerator_signs()
+    if not signs:
+        return "cpu", "no torch_npu and no GPU driver on this machine"
+    if importlib.util.find_spec("torch") is None:
+        return "cpu", f"PyTorch is not installed ({', '.join(signs)} seen)"
+    chosen = select_device("auto")
+    if chosen.type == "cpu":
+        return "cpu", f"PyTorch finds no accelerator ({', '.join(signs)} seen)"
+    return chosen.type, f"accelerator {chosen} found"
 
 
 # --------------------------------------------------------------------------
@@ -191,12 +249,14 @@ def _activate_npu(device: Any, strict_fp32: bool) -> dict[str, str]:
 def _new_tf32_api() -> bool:
     """Whether this torch has the ``fp32_precision`` switches (2.9 and later); once anything sets them,
     reading the legacy ``allow_tf32`` flags raises, so where they exist they are the only ones used."""
+    import torch
     conv = getattr(torch.backends.cudnn, "conv", None)
     return conv is not None and hasattr(conv, "fp32_precision") and hasattr(torch.backends.cuda.matmul,
                                                                              "fp32_precision")
 
 
 def _activate_cuda(device: Any, strict_fp32: bool) -> dict[str, str]:
+    import torch
     requested: dict[str, str] = {}
     if strict_fp32 and _new_tf32_api():  # CUDA convolutions default to TF32: a 10-bit mantissa hides converter bugs
         torch.backends.cudnn.conv.fp32_precision = "ieee"
@@ -251,6 +311,7 @@ def current_index(device: Any) -> int | None:
 
 def read_back(device: Any) -> dict[str, str]:
     """The precision and format options in force on ``device``'s kind, as the device stack reports them."""
+    import torch
     if device.type == "npu":
         get = import_torch_npu()._C._npu_getOption  # bytes, or None where never set
         values = {name: get(name) for name in NPU_OPTIONS}
@@ -266,6 +327,7 @@ def read_back(device: Any) -> dict[str, str]:
 
 def check_bf16(device: Any) -> None:
     """DeviceError when ``device`` cannot run bfloat16 (the original Ascend 910, CUDA before Ampere)."""
+    import torch
     if device.type == "npu":
         ok = bool(torch.npu.is_bf16_supported())  # type: ignore[attr-defined]  (no arguments in torch_npu)
     elif device.type == "cuda":
@@ -286,6 +348,7 @@ def check_bf16(device: Any) -> None:
 
 
 def _module(device: Any) -> Any:
+    import torch
     return getattr(torch, device.type, None) if device.type in ("cuda", "npu", "mps") else None
 
 
@@ -303,6 +366,7 @@ def current(device: Any) -> ContextManager[Any]:
 def synchronize(device: Any) -> None:
     """Wait for the work queued on ``device`` itself (not on whichever device is current),
     so timings measure the computation and not its launch."""
+    import torch
     if device.type in ("cuda", "npu"):
         _module(device).synchronize(device.index)
     elif device.type == "mps":
@@ -325,6 +389,7 @@ def allocated_mb(device: Any) -> float | None:
 
 def peak_memory_mb(device: Any) -> float | None:
     """Peak memory the framework allocated on the device since the last reset, or None on CPU."""
+    import torch
     mod = _module(device)
     if mod is None:
         return None
@@ -347,6 +412,7 @@ def process_rss_mb() -> tuple[float, float]:
 
 
 def device_name(device: Any) -> str:
+    import torch
     if device.type == "cuda":
         return torch.cuda.get_device_name(device.index)
     if device.type == "npu":
@@ -413,6 +479,7 @@ class Environment:
 
 
 def environment(device: torch.device) -> Environment:
+    import torch
     import onnx
     import onnxruntime
 

@@ -34,6 +34,7 @@ MAX_IMAGE_PIXELS = 200_000_000
 GOMP_SPINCOUNT = 1000
 
 _ALLOCATOR_TUNED = False
+_DEFERRED_TORCH_THREADS: int | None = None  # setup_process(defer_torch=True) before torch was loaded
 
 
 def _openmp_loaded() -> bool:
@@ -125,20 +126,29 @@ class ProcessSettings:
 
 
 def setup_process(*, threads: int = 0, compile_cache_dir: str | None = None,
-                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> ProcessSettings:
+                  max_image_pixels: int = MAX_IMAGE_PIXELS, defer_torch: bool = False) -> ProcessSettings:
     """Apply the process-wide settings of a run; returns what is in force.
 
     ``threads``: CPU threads (0 = the CPUs actually free now, see :func:`free_cpus`;
     more than the CPUs this process may use is clamped). The effective count is
     ``.threads``. ``compile_cache_dir``: inductor's scratch files go there (a
-    TORCHINDUCTOR_CACHE_DIR the user set wins).
+    TORCHINDUCTOR_CACHE_DIR the user set wins). ``defer_torch``: where torch is
+    not loaded yet, do not load it for its thread count (seconds): the count is
+    kept for :func:`apply_torch_threads`, which ``engines.open_engine`` calls when
+    it opens a PyTorch engine, so a run on ONNX Runtime or OpenVINO never loads torch.
     """
+    global _DEFERRED_TORCH_THREADS
     openmp = configure_openmp()  # a no-op when the entry point already did it, before torch
-    import torch
     from PIL import Image
 
     effective = effective_threads(threads)
-    torch.set_num_threads(effective)
+    if defer_torch and "torch" not in sys.modules:
+        _DEFERRED_TORCH_THREADS = effective
+    else:
+        import torch
+
+        torch.set_num_threads(effective)
+        _DEFERRED_TORCH_THREADS = None
     tuned = tune_cpu_allocator()
     if compile_cache_dir is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(compile_cache_dir, "inductor"))
@@ -146,3 +156,14 @@ def setup_process(*, threads: int = 0, compile_cache_dir: str | None = None,
     return ProcessSettings(effective, threads, tuned,
                            os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compile_cache_dir else None,
                            max_image_pixels, openmp)
+
+
+def apply_torch_threads() -> None:
+    """Give torch the thread count a deferred :func:`setup_process` chose; a no-op where none was deferred
+    (a library caller's torch keeps its own settings)."""
+    global _DEFERRED_TORCH_THREADS
+    if _DEFERRED_TORCH_THREADS is not None:
+        import torch
+
+        torch.set_num_threads(_DEFERRED_TORCH_THREADS)
+        _DEFERRED_TORCH_THREADS = None

@@ -1,0 +1,137 @@
+"""Start-up: nothing imported that the chosen path does not use.
+
+``import torch`` alone takes seconds, ``torch._dynamo`` as long again and ``onnx``
+most of a second of CPU: the ONNX Runtime path (``--backend ort``, and ``auto`` on a
+machine without an accelerator) runs without torch, the default model's check
+without onnx (its digest is known), and the PyTorch path without ``--compile``
+without ``torch._dynamo``. Each case runs the real command line in a fresh
+interpreter and looks at what that process imported at the end.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import PORTRAIT, ROOT
+
+# A fresh interpreter: imports a command line's module, runs its main() on the arguments, and writes what the
+# process imported (and torch's thread count, where torch was loaded) to a JSON file.
+RUNNER = """
+import json, sys
+target, out, *argv = sys.argv[1:]
+code = __import__(target).main(argv)
+torch = sys.modules.get("torch")
+with open(out, "w") as fh:
+    json.dump({"code": code, "modules": sorted(sys.modules),
+               "torch_threads": torch.get_num_threads() if torch is not None else None}, fh)
+"""
+
+
+def _run(tmp_path: Path, target: str, *argv: str) -> tuple[dict, str]:
+    out = tmp_path / "imported.json"
+    done = subprocess.run([sys.executable, "-c", RUNNER, target, str(out), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["code"] == 0, done.stderr[-3000:]
+    return result, done.stderr
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> str:
+    path = tmp_path / "photo.jpg"
+    Image.open(PORTRAIT).convert("RGB").resize((96, 64)).save(path)
+    return str(path)
+
+
+def _photo_run(tmp_path: Path, photo: str, model: str, *options: str) -> tuple[dict, str]:
+    out = tmp_path / "out"
+    result, log = _run(tmp_path, "inference", photo, "-o", str(out), "--model", model, "--mode", "cutout", *options)
+    assert [p.name for p in out.iterdir()] == ["photo_cutout.png"]
+    return result, log
+
+
+def test_the_ort_path_imports_no_torch(tmp_path, photo, webnn_file):
+    result, log = _photo_run(tmp_path, photo, webnn_file, "--backend", "ort", "--threads", "1")
+    assert "torch" not in result["modules"] and "backend ort (asked for)" in log
+    assert "onnx" in result["modules"]  # a file of unknown digest: the model check reads it in full
+
+
+def test_auto_on_a_machine_without_an_accelerator_imports_no_torch(tmp_path, photo, webnn_file):
+    from modnet_npu.runtime import devices
+
+    if devices.accelerator_signs():
+        pytest.skip(f"this machine shows {', '.join(devices.accelerator_signs())}: auto asks torch here")
+    result, log = _photo_run(tmp_path, photo, webnn_file, "--threads", "1")  # --backend auto, the default
+    assert "torch" not in result["modules"]
+    assert "backend ort (no torch_npu and no GPU driver on this machine: ONNX Runtime is the faster" in log
+
+
+def test_the_default_model_starts_without_onnx(tmp_path, photo, real_model):
+    result, _ = _photo_run(tmp_path, photo, real_model, "--backend", "ort", "--threads", "1")
+    assert "onnx" not in result["modules"] and "torch" not in result["modules"]
+
+
+def test_the_known_contract_is_what_the_full_check_finds(real_model):
+    from modnet_npu.graph import contract
+    from modnet_npu.graph.weights import load_onnx
+    from modnet_npu.source.resolve import KNOWN_SHA256, sha256_of
+
+    digest = sha256_of(real_model)
+    assert digest in contract.KNOWN_CONTRACTS and digest in KNOWN_SHA256.values()
+    full = contract.check_parsed(real_model)
+    assert (full.input_name, full.input_shape, full.output_shape) == contract.KNOWN_CONTRACTS[digest]
+    assert contract.check_model(real_model) == full
+    # the digest covers every byte the check reads: the file holds its weights itself
+    model = load_onnx(real_model)
+    assert not any(t.data_location == t.EXTERNAL for t in model.graph.initializer)
+
+
+def test_a_copy_of_the_default_model_changed_by_one_byte_is_checked_in_full(monkeypatch, tmp_path, real_model):
+    from modnet_npu.graph import contract
+
+    data = bytearray(Path(real_model).read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the weights (most of the file): still a readable MODNet
+    changed = tmp_path / "model.onnx"
+    changed.write_bytes(bytes(data))
+    calls = []
+    real = contract.check_parsed
+    monkeypatch.setattr(contract, "check_parsed", lambda path: calls.append(path) or real(path))
+    assert contract.check_model(changed) == replace(contract.check_model(real_model), path=str(changed))
+    assert calls == [str(changed)]
+
+
+def test_the_torch_path_without_compile_imports_no_dynamo(tmp_path, photo, webnn_file):
+    result, log = _photo_run(tmp_path, photo, webnn_file, "--backend", "torch", "--threads", "1")
+    assert "torch" in result["modules"] and "backend torch (asked for)" in log
+    assert not [m for m in result["modules"] if m.startswith(("torch._dynamo", "torch._inductor"))]
+    # the entry point's thread count reached torch, which it no longer loads for it (setup_process defer_torch)
+    assert result["torch_threads"] == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's /proc/PID/maps")
+@pytest.mark.parametrize("backend", ["ort", "auto"])
+def test_the_service_on_ort_loads_no_torch(tmp_path, webnn_file, backend):
+    from modnet_npu.runtime import devices
+    from modnet_npu.service.child import ServerProcess
+
+    if backend == "auto" and devices.accelerator_signs():
+        pytest.skip(f"this machine shows {', '.join(devices.accelerator_signs())}: auto asks torch here")
+    image = tmp_path / "photo.png"
+    Image.open(PORTRAIT).convert("RGB").resize((96, 64)).save(image)
+    args = ["--model", webnn_file, "--backend", backend, "--threads", "1"]
+    with ServerProcess(args, log_path=str(tmp_path / "serve.log"), start_timeout=120) as server:
+        answer = httpx.post(f"{server.url}/api/remove", files={"file": ("photo.png", image.read_bytes())},
+                            timeout=60)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    libraries = {line.split()[-1] for line in maps.splitlines() if ".so" in line}
+    assert any("onnxruntime" in lib for lib in libraries)  # the reading works: the engine's own library is there
+    assert not [lib for lib in libraries if "libtorch" in lib], f"serve.py --backend {backend} loaded torch"
