@@ -108,14 +108,37 @@ def cpu_times(stat_path: str = "/proc/stat") -> CpuTimes | None:
     return CpuTimes(busy / hz, total / hz)
 
 
-def idle_cpus(interval_s: float = 0.3) -> float | None:
-    """How many of this process's CPUs sat idle over the next ``interval_s`` (this process idle meanwhile)."""
-    a = cpu_times()
-    time.sleep(interval_s)
-    b = cpu_times()
-    if a is None or b is None or b.total_s <= a.total_s:
+@dataclass(frozen=True)
+class CpuSample:
+    """A moment's CPU counters: this process's CPUs (``cpu_times``) and this process's own CPU seconds."""
+
+    at: float  # time.monotonic()
+    times: CpuTimes | None
+    own_s: float
+
+
+def cpu_sample() -> CpuSample:
+    own = os.times()
+    return CpuSample(time.monotonic(), cpu_times(), own.user + own.system)
+
+
+def idle_cpus_since(start: CpuSample, *, at_least_s: float) -> float | None:
+    """How many of this process's CPUs other processes left idle since ``start``, waiting until at least
+    ``at_least_s`` has passed. This process's own CPU time counts as free (it is the time it may use), so
+    the interval may be one in which it was working: loading its libraries, say."""
+    wait = start.at + at_least_s - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+    end = cpu_sample()
+    if start.times is None or end.times is None or end.times.total_s <= start.times.total_s:
         return None
-    return usable_cpus() * (1.0 - (b.busy_s - a.busy_s) / (b.total_s - a.total_s))
+    others = max(0.0, (end.times.busy_s - start.times.busy_s) - (end.own_s - start.own_s))
+    return usable_cpus() * (1.0 - min(1.0, others / (end.times.total_s - start.times.total_s)))
+
+
+def idle_cpus(interval_s: float = 0.3) -> float | None:
+    """How many of this process's CPUs other processes left idle over the next ``interval_s``."""
+    return idle_cpus_since(cpu_sample(), at_least_s=interval_s)
 
 
 @dataclass(frozen=True)
