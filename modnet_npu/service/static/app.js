@@ -144,8 +144,8 @@ function renderResult() {
 
 async function errorText(response) {
   try {
-    const body = await response.json();
-    if (body && body.error) return body.error;
+    const body = await response.json(); // {"detail": "..."}: FastAPI's error body, as rembg's
+    if (body && typeof body.detail === "string" && body.detail) return body.detail;
   } catch (_) {
     // not JSON: fall through to the status line
   }
