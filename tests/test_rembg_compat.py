@@ -135,6 +135,7 @@ CASES = [
     Case("no file", form=U, payload=None),
     Case("url, no file", form={**U, "url": IMG}, payload=None),
     Case("bad url, no file", form={**U, "url": "ftp://127.0.0.1/x.jpg"}, payload=None),
+    Case("PUT", "PUT", form=U),
     # GET: every parameter from the query string, an empty value included
     Case("GET without url", "GET", None, U, None),
     _get("GET url", IMG),
