@@ -77,3 +77,21 @@ def test_missing_pymatting_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pymatting.foreground.estimate_foreground_ml", None)
     with pytest.raises(fg.ForegroundUnavailable, match="pip install pymatting"):
         fg.estimate_foreground(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32))
+
+
+def test_colours_by_mode_estimates_once_for_the_colour_modes_only(monkeypatch):
+    image, alpha, _, _ = _scene(8, 8)
+    calls = []
+    monkeypatch.setattr(fg, "estimate_foreground", lambda rgb, a: calls.append(1) or np.zeros_like(rgb))
+    both = fg.colours_by_mode(["matte", "cutout", "composite"], image, alpha, decontaminate=True)
+    assert len(calls) == 1 and both["matte"] is image and not both["cutout"].any() and both["composite"] is both["cutout"]
+    assert fg.colours_by_mode(["matte"], image, alpha, decontaminate=True) == {"matte": image} and len(calls) == 1
+    assert fg.colours_by_mode(["cutout"], image, alpha, decontaminate=False)["cutout"] is image and len(calls) == 1
+
+
+def test_require_names_what_needs_pymatting(monkeypatch):
+    monkeypatch.setattr(fg, "available", lambda: False)
+    with pytest.raises(fg.ForegroundUnavailable, match="^--decontaminate needs pymatting.*pip install pymatting"):
+        fg.require("--decontaminate")
+    monkeypatch.setattr(fg, "available", lambda: True)
+    fg.require("--decontaminate")  # nothing to say

@@ -11,6 +11,7 @@ from PIL import Image
 
 import inference
 from conftest import PORTRAIT, ROOT, make_video
+from modnet_npu.matting import foreground
 from modnet_npu.matting.imaging import to_uint8
 
 
@@ -323,3 +324,127 @@ def test_stale_temporaries_in_the_output_folder_are_removed(tmp_path, webnn_file
     assert inference.main([str(tmp_path / "a.jpg"), "-o", str(out), "--model", webnn_file, "--backend", "ort",
                            "--mode", "matte", "--quiet"]) == 0
     assert _files(out) == ["a_matte.png"]
+
+
+# --------------------------------------------------------------------------
+# --decontaminate (rembg's dc): the foreground's own colours at soft edges
+# --------------------------------------------------------------------------
+
+MAGENTA = (255, 0, 255)
+
+
+class _HalfMatter:
+    """Stands in for Matter: a matte of 0.5 everywhere, every pixel a soft edge."""
+
+    def mattes(self, images):
+        return [np.full(rgb.shape[:2], 0.5, np.float32) for rgb in images]
+
+    def model_size(self, height, width):
+        return (256, 256)
+
+
+@pytest.fixture()
+def estimated(monkeypatch):
+    """foreground.estimate_foreground recorded, answering magenta: where it reached is plain to see."""
+    calls = []
+
+    def magenta(rgb, alpha):
+        calls.append(rgb.shape)
+        return np.broadcast_to(np.array(MAGENTA, np.uint8), rgb.shape).copy()
+
+    monkeypatch.setattr(foreground, "estimate_foreground", magenta)
+    monkeypatch.setattr(foreground, "available", lambda: True)
+    return calls
+
+
+def test_decontaminate_reaches_cutouts_and_composites_of_photos_and_videos(tmp_path, estimated):
+    import av
+
+    from modnet_npu.matting import jobs
+
+    clip = tmp_path / "clip.mp4"
+    make_video(clip)
+    modes = ["matte", "cutout", "composite"]
+    plan = jobs.plan_jobs([str(PORTRAIT), str(clip)], str(tmp_path / "clean"), modes, "png", False)
+    summary = jobs.run_jobs(_HalfMatter(), plan.jobs, background="white", batch=4, decontaminate=True)
+    assert (summary.succeeded, summary.failed) == (2, 0)
+    assert estimated == [(512, 512, 3)] + [(64, 96, 3)] * 12  # once per image or frame, for both colour modes
+    out = tmp_path / "clean"
+    cut = np.asarray(Image.open(out / "portrait_astronaut_cutout.png"))
+    assert (cut[..., :3] == MAGENTA).all() and (cut[..., 3] == 128).all()  # the estimate's colours, the same alpha
+    comp = np.asarray(Image.open(out / "portrait_astronaut_composite.png")).astype(int)
+    assert np.abs(comp - (255, 127.5, 255)).max() <= 1  # magenta half over white
+    assert (np.asarray(Image.open(out / "portrait_astronaut_matte.png")) == 128).all()  # no colours: unchanged
+    with av.open(str(out / "clip_cutout.mov")) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgba").astype(int)
+    assert np.abs(frame[..., :3] - MAGENTA).max() <= 4  # ProRes 4444, 10-bit: a few levels at most
+
+    plain = jobs.plan_jobs([str(PORTRAIT)], str(tmp_path / "plain"), ["cutout"], "png", False)
+    jobs.run_jobs(_HalfMatter(), plain.jobs, background="white")
+    assert len(estimated) == 13  # not asked: not called
+    rgb = np.asarray(Image.open(PORTRAIT).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "portrait_astronaut_cutout.png"))[..., :3], rgb)
+
+
+def test_decontaminate_reaches_the_ray_workers_writes(tmp_path, estimated, monkeypatch, webnn_file):
+    import json
+
+    from modnet_npu.matting import scaleout
+    from modnet_npu.matting.jobs import RunSummary
+
+    seen = {}
+
+    def run_on_ray(todo, **kwargs):
+        seen.update(kwargs)
+        return RunSummary(len(todo), 0, 0, len(todo), 0, 1.0)
+
+    monkeypatch.setattr(scaleout, "require_ray", lambda: None)
+    monkeypatch.setattr(scaleout, "run_on_ray", run_on_ray)
+    assert inference.main([str(PORTRAIT), "-o", str(tmp_path / "o"), "--model", webnn_file, "--ray",
+                           "--decontaminate", "--quiet"]) == 0
+    assert seen["decontaminate"] is True
+    # what the write stage of the Ray run does with it (scaleout._save), without Ray
+    rgb = np.asarray(Image.open(PORTRAIT).convert("RGB"))
+    target = str(tmp_path / "ray_cutout.png")
+
+    def column(*items):
+        out = np.empty(len(items), dtype=object)
+        out[:] = items
+        return out
+
+    batch = {"source": column("p.jpg"), "path": column(str(PORTRAIT)), "error": column(""),
+             "outputs": column(json.dumps({"cutout": target})), "rgb": column(rgb),
+             "alpha": column(np.full((512, 512), 0.5, np.float32))}
+    assert scaleout._save(batch, background="white", decontaminate=True)["error"][0] == ""
+    assert (np.asarray(Image.open(target))[..., :3] == MAGENTA).all()
+
+
+def test_decontaminate_is_refused_before_any_work_when_it_cannot_apply(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-model.onnx")  # never reached: the checks come first
+    assert inference.main([str(PORTRAIT), "-o", "o", "--mode", "matte", "--decontaminate", "--model", missing]) == 2
+    assert "--mode matte has none" in capsys.readouterr().err
+    monkeypatch.setattr(foreground, "available", lambda: False)
+    assert inference.main([str(PORTRAIT), "-o", "o", "--decontaminate", "--model", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --decontaminate needs pymatting") and "pip install pymatting" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # two processes with the real model: about 10 s on a busy 2-core machine
+@pytest.mark.skipif(not foreground.available(), reason="pymatting not installed: " + foreground.INSTALL_HINT)
+def test_decontaminate_on_stdin_changes_only_the_soft_edges_colours(real_model):
+    def run(*extra):
+        proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "-", "--mode", "cutout", "--model",
+                               real_model, "--backend", "ort", *extra], input=PORTRAIT.read_bytes(),
+                              capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return np.asarray(Image.open(io.BytesIO(proc.stdout))).astype(int)
+
+    plain, clean = run(), run("--decontaminate")
+    assert np.array_equal(plain[..., 3], clean[..., 3])  # the same matte
+    soft = (plain[..., 3] > 12) & (plain[..., 3] < 243)
+    solid = plain[..., 3] == 255  # the real model's matte: a solid subject with soft edges
+    assert soft.sum() > 100 and solid.sum() > 10_000
+    changed = np.abs(plain[..., :3] - clean[..., :3]).max(axis=2)
+    assert changed[soft].mean() > 4 * max(changed[solid].mean(), 0.5)  # the edges' colours, not the subject's

@@ -3,10 +3,13 @@
 Upload the portrait, wait for the results, check the three images and their
 sizes, recompose over a colour and a blurred background in the browser (no
 new request), use the keyboard, download the three results, show an API
-error in words, and save a screenshot in the test's temp folder.
+error in words, clean the edge colours (``dc``) on request, and save a
+screenshot in the test's temp folder.
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 import time
@@ -214,7 +217,7 @@ def test_page_uploads_shows_recomposes_downloads(page_server, browser, tmp_path)
 
     _check_downloads(driver, downloads)
     reached = _tab_stops(driver)  # the page is usable by keyboard: Tab reaches every control
-    assert {"file", "bg-colour", "bg-file", "dl-matte", "dl-cutout", "dl-composite"} <= set(reached), reached
+    assert {"file", "dc", "bg-colour", "bg-file", "dl-matte", "dl-cutout", "dl-composite"} <= set(reached), reached
 
     shot = tmp_path / "page.png"
     assert driver.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
@@ -235,3 +238,59 @@ def test_page_shows_api_errors_in_words(page_server, browser, tmp_path):
     assert error.is_displayed() and error.get_attribute("role") == "alert"
     assert "not an image the server can read (HTTP 415)" in error.text
     assert driver.find_element(By.ID, "results").get_attribute("hidden") is not None
+
+
+# the cutout shown (the result canvas over no background) and the matte shown, as PNG data URLs
+SHOWN_JS = """
+const matte = document.getElementById('matte');
+const c = document.createElement('canvas'); c.width = matte.naturalWidth; c.height = matte.naturalHeight;
+c.getContext('2d').drawImage(matte, 0, 0);
+return [document.getElementById('result').toDataURL('image/png'), c.toDataURL('image/png')];
+"""
+
+
+def _shown(driver) -> tuple[np.ndarray, np.ndarray]:
+    """(the cutout on the page as RGBA, the matte on the page as grey levels)."""
+    _wait(driver, lambda d: d.execute_script("return document.getElementById('matte').complete"), "the matte")
+    urls = driver.execute_script(SHOWN_JS)
+    cutout, matte = (Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in urls)
+    return np.asarray(cutout.convert("RGBA")).astype(int), np.asarray(matte.convert("L")).astype(int)
+
+
+def test_page_cleans_edge_colours_when_asked(page_server, browser):
+    """The "Clean edge colours" box asks the server for its dc cutout (one request, the same photo again):
+    the page then shows the server's decontaminated colours, with the same matte."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver, _ = browser
+    driver.get(page_server.url + "/")
+    _wait(driver, lambda d: "torch on cpu" in d.find_element(By.ID, "server-info").text, "the server's engine")
+    driver.find_element(By.ID, "file").send_keys(str(PORTRAIT))
+    _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", "the results")
+    plain, matte = _shown(driver)
+    served = _served(page_server.url)
+
+    driver.find_element(By.ID, "dc").send_keys(Keys.SPACE)  # by keyboard
+    _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-clean") == "yes"
+          and d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", "the cleaned results")
+    assert _served(page_server.url) == served + 1 and "edge colours cleaned" in driver.find_element(By.ID, "status").text
+    clean, clean_matte = _shown(driver)
+    ours = httpx.post(page_server.url + "/api/matte", params={"mode": "cutout", "dc": "true"},
+                      files={"file": ("p.jpg", PORTRAIT.read_bytes())}, timeout=WAIT_S)
+    server = np.asarray(Image.open(io.BytesIO(ours.content))).astype(int)
+    assert np.array_equal(clean_matte, matte) and np.array_equal(clean[..., 3], server[..., 3])  # the same matte
+    # the page shows the server's cleaned colours (a canvas keeps them premultiplied: within a level or two
+    # where alpha >= 128), which differ from the photo's at the soft edges
+    visible = server[..., 3] >= 128
+    assert np.abs(clean[visible, :3] - server[visible, :3]).max() <= 2
+    soft = visible & (server[..., 3] < 250)
+    moved = np.abs(server[..., :3] - plain[..., :3]).max(axis=2) > 8
+    assert (soft & moved).sum() > 50, (soft.sum(), (soft & moved).sum())
+    assert np.abs(clean[soft & moved, :3] - plain[soft & moved, :3]).max(axis=1).min() > 4
+
+    driver.find_element(By.ID, "dc").send_keys(Keys.SPACE)  # and back: the plain cutout again
+    _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-clean") == "no"
+          and d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", "the plain results")
+    again, _ = _shown(driver)
+    assert np.array_equal(again, plain)

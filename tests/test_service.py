@@ -65,10 +65,10 @@ def _assert_json_error(response: httpx.Response, status: int, fragment: str = ""
     assert response.status_code == status, (response.request.url, response.status_code, response.text[:300])
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert list(body) == ["error"] and isinstance(body["error"], str) and body["error"]
-    assert "Traceback" not in body["error"] and "\n" not in body["error"]
-    assert fragment.lower() in body["error"].lower(), body["error"]
-    return body["error"]
+    assert list(body) == ["detail"] and isinstance(body["detail"], str) and body["detail"]  # FastAPI's, as rembg's
+    assert "Traceback" not in body["detail"] and "\n" not in body["detail"]
+    assert fragment.lower() in body["detail"].lower(), body["detail"]
+    return body["detail"]
 
 
 # --------------------------------------------------------------------------
@@ -234,11 +234,14 @@ def test_rembg_routes(client):
     cutout = np.asarray(_decode(cut.content))
     assert cutout.shape == (200, 160, 4) and np.array_equal(cutout[..., :3], rgb)
     # rembg's own options are accepted and change nothing
-    ignored = client.post("/api/remove", params={"model": "u2net", "a": "true", "af": "240", "ab": "10",
-                                                 "ae": "10", "ppm": "true", "extras": "{}"},
+    ignored = client.post("/api/remove", data={"model": "u2net", "a": "true", "af": "240", "ab": "10",
+                                               "ae": "10", "ppm": "true"}, params={"extras": "{}"},
                           files={"file": ("i.png", image)})
     assert ignored.status_code == 200 and ignored.content == cut.content
-    # om as a form field (rembg's POST takes it from the form)
+    # read where rembg reads them: on POST, om from the form and bgc from the query; elsewhere ignored
+    misplaced = client.post("/api/remove", params={"om": "true", "a": "maybe"}, data={"bgc": "0,0,255,255"},
+                            files={"file": ("i.png", image)})
+    assert misplaced.status_code == 200 and misplaced.content == cut.content
     om = client.post("/api/remove", data={"om": "true"}, files={"file": ("i.png", image)})
     matte = np.asarray(_decode(om.content))
     assert matte.shape == (200, 160) and np.array_equal(matte, cutout[..., 3])
@@ -304,9 +307,12 @@ def test_every_refusal_is_one_json_line_with_its_status(client, server, image_ho
          422, "not a colour"),
         (client.post("/api/matte?mdoe=matte", files={"file": ("p.jpg", portrait)}), 422, "unknown parameter 'mdoe'"),
         (client.post("/api/matte"), 422, "no image"),
-        (client.post("/api/remove?om=maybe", files={"file": ("p.jpg", portrait)}), 422, "om='maybe'"),
+        (client.post("/api/remove", data={"om": "maybe"}, files={"file": ("p.jpg", portrait)}), 422, "om='maybe'"),
         (client.post("/api/remove?bgc=1,2", files={"file": ("p.jpg", portrait)}), 422, "bgc='1,2'"),
-        (client.get("/api/remove", params={"url": f"{image_host}/p.jpg"}), 422, "loopback"),
+        # a URL refused: 400 on rembg's route, as rembg answers, with this service's reason
+        (client.get("/api/remove", params={"url": f"{image_host}/p.jpg"}), 400, "loopback"),
+        (client.get("/api/remove", params={"url": ""}), 400, "only http and https"),
+        (client.post("/api/remove", data={"url": f"{image_host}/p.jpg"}), 400, "--allow-private-urls"),
         (client.post("/api/matte", data={"url": f"{image_host}/p.jpg"}), 422, "--allow-private-urls"),
         (client.get("/api/matte", params={"url": "file:///etc/passwd"}), 422, "only http and https"),
         (client.get("/nothing-here"), 404, "not found"),
@@ -481,7 +487,13 @@ def test_healthz_is_503_until_the_model_is_loaded_then_urls_work(synthetic_matte
         assert by_form.status_code == 200 and _decode(by_form.content).size == (512, 512)
         by_rembg = c.get("/api/remove", params={"url": f"{image_host}/again.jpg"})
         assert by_rembg.status_code == 200 and _decode(by_rembg.content).mode == "RGBA"
-        assert _Recorder.hits == ["/portrait.jpg", "/again.jpg"]
+        # rembg's POST reads no url: beside an upload it is ignored, without one it is fetched (an addition)
+        beside = c.post("/api/remove", data={"url": f"{image_host}/unused.jpg", "om": "true"},
+                        files={"file": ("p.jpg", PORTRAIT.read_bytes())})
+        assert beside.status_code == 200 and _decode(beside.content).mode == "L"
+        alone = c.post("/api/remove", data={"url": f"{image_host}/third.jpg"})
+        assert alone.status_code == 200 and _decode(alone.content).mode == "RGBA"
+        assert _Recorder.hits == ["/portrait.jpg", "/again.jpg", "/third.jpg"]
 
 
 def test_a_full_queue_answers_503_with_retry_after(synthetic_matter, caplog):

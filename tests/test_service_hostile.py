@@ -176,7 +176,7 @@ def test_a_server_full_of_requests_still_answers_healthz_and_refuses_the_rest_qu
         with httpx.Client(base_url=server.url, timeout=5) as c:
             start = time.monotonic()
             r = c.post("/api/matte", files={"file": ("p.png", _png())})
-            assert r.status_code == 503 and "too many connections" in r.json()["error"]
+            assert r.status_code == 503 and "too many connections" in r.json()["detail"]
             assert time.monotonic() - start < 2.0 and r.headers["Retry-After"] == "1"
     finally:
         for sock in held:
@@ -297,7 +297,7 @@ def test_a_model_size_over_the_limit_is_refused_before_any_work(server):
                           ("512x640", "0.33 MP, over the limit of 0.3 MP (--max-model-pixels)")):
             start = time.monotonic()
             r = c.post("/api/matte", params={"size": size}, files={"file": ("p.png", _png())})
-            assert r.status_code == 422 and why in r.json()["error"], r.text
+            assert r.status_code == 422 and why in r.json()["detail"], r.text
             assert time.monotonic() - start < 2.0
         r = c.post("/api/matte", params={"size": "512x576", "mode": "matte"}, files={"file": ("p.png", _png())})
         assert r.status_code == 200 and r.headers["X-Model-Size"] == "512x576"  # 0.29 MP: under the limit

@@ -21,8 +21,7 @@ hint. Its kernels are compiled on first use and cached on disk by numba.
 from __future__ import annotations
 
 import functools
-
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -43,6 +42,13 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("pymatting") is not None
+
+
+def require(what: str) -> None:
+    """ForegroundUnavailable naming ``what`` and the install, unless pymatting is installed (not imported:
+    checked before any work, so that a run does not fail after its model has loaded)."""
+    if not available():
+        raise ForegroundUnavailable(f"{what} needs pymatting, which is not installed here: {INSTALL_HINT}")
 
 
 def _estimator() -> Any:
@@ -75,3 +81,14 @@ def decontaminate(mode: str, rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     The one call an output path needs: ``render(mode, decontaminate(mode, rgb, alpha), alpha, background)``.
     """
     return estimate_foreground(rgb, alpha) if mode in COLOUR_MODES else rgb
+
+
+def colours_by_mode(modes: Iterable[str], rgb: np.ndarray, alpha: np.ndarray, *,
+                    decontaminate: bool) -> dict[str, np.ndarray]:
+    """The colours to render each of ``modes`` with: with ``decontaminate``, the foreground estimated once
+    for every colour mode (cutout, composite); ``rgb`` for the others, and for all without it."""
+    modes = list(modes)
+    if not decontaminate or not any(mode in COLOUR_MODES for mode in modes):
+        return {mode: rgb for mode in modes}
+    estimated = estimate_foreground(rgb, alpha)
+    return {mode: estimated if mode in COLOUR_MODES else rgb for mode in modes}

@@ -8,6 +8,7 @@ output goes is ``plan``'s (re-exported here for existing callers).
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from modnet_npu.cli import one_line
-from modnet_npu.matting import codec, warmup
+from modnet_npu.matting import codec, foreground, warmup
 from modnet_npu.matting.imaging import ImageReadError, load_image
 from modnet_npu.matting.matter import Matter, NonFiniteMatteError, render
 from modnet_npu.runtime.engines import OrtRunError
@@ -70,15 +71,18 @@ def load_job(job: Job) -> tuple[Job, np.ndarray | None, str | None]:
         return job, None, f"{job.source}: decoding it ran {_OUT_OF_MEMORY}"
 
 
-def save_job(job: Job, rgb: np.ndarray, alpha: np.ndarray, background: str) -> str | None:
-    """Write every output of ``job``; the error line, or None."""
+def save_job(job: Job, rgb: np.ndarray, alpha: np.ndarray, background: str, *,
+             decontaminate: bool = False) -> str | None:
+    """Write every output of ``job`` (cutouts and composites with the foreground's own colours at soft
+    edges when ``decontaminate``: ``foreground``); the error line, or None."""
     path = ""
     try:
+        colours = foreground.colours_by_mode(job.outputs, rgb, alpha, decontaminate=decontaminate)
         for mode, path in job.outputs.items():
-            save_output(path, render(mode, rgb, alpha, background))
+            save_output(path, render(mode, colours[mode], alpha, background))
     except OSError as exc:  # the reason, not the temporary's name or the errno
         return f"{job.source}: writing {path} failed: {exc.strerror or exc}"
-    except (ValueError, ImageReadError) as exc:
+    except (ValueError, ImageReadError, foreground.ForegroundUnavailable) as exc:  # pymatting: a Ray worker may lack it
         return f"{job.source}: {exc}"
     except MemoryError:
         return f"{job.source}: writing {path} ran {_OUT_OF_MEMORY}"
@@ -131,11 +135,11 @@ def _mattes(matter: Matter, loaded: Sequence[tuple[Job, np.ndarray]]) -> list[tu
 
 
 def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
-                        pool: IoPool | None = None) -> list[tuple[Job, str | None]]:
+                        pool: IoPool | None = None, *, decontaminate: bool = False) -> list[tuple[Job, str | None]]:
     """Read, matte (batched) and write a group of image jobs; returns (job, error or None)."""
     if pool is None:
         with IoPool() as own:
-            return process_image_batch(matter, jobs, background, own)
+            return process_image_batch(matter, jobs, background, own, decontaminate=decontaminate)
     results: list[tuple[Job, str | None]] = []
     loaded = []
     for job, rgb, problem in pool.map(load_job, list(jobs)):
@@ -148,7 +152,7 @@ def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
     to_save = [(job, rgb, alpha, background) for (job, rgb), (alpha, _) in zip(loaded, matted, strict=True)
                if alpha is not None]
     results += [(job, problem) for (job, _), (alpha, problem) in zip(loaded, matted, strict=True) if alpha is None]
-    problems = pool.map(save_job, to_save)
+    problems = pool.map(functools.partial(save_job, decontaminate=decontaminate), to_save)
     results += [(item[0], problem) for item, problem in zip(to_save, problems, strict=True)]
     return results
 
@@ -215,11 +219,13 @@ class RunSummary:
 
 
 def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int = 1, temporal: bool = False,
-             progress: Progress | None = None, log: Callable[[str], None] = lambda m: None) -> RunSummary:
+             decontaminate: bool = False, progress: Progress | None = None,
+             log: Callable[[str], None] = lambda m: None) -> RunSummary:
     """Run planned jobs (already reduced to what is still to do): images in batches, then videos.
 
     On a fast path made per shape the shapes the jobs need are prepared first (``warmup``; ``log`` gets the
     set and its cost), so nothing is compiled or captured inside a batch; the time counted starts after.
+    ``decontaminate``: cutouts and composites with the foreground's own colours at soft edges.
     """
     progress = progress or Progress()
     failed = done = frames = 0
@@ -230,7 +236,7 @@ def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int
             log(f"warm-up: {ready}")
         started = time.perf_counter()
         for group in _groups(images, batch, pool):
-            for _job, problem in process_image_batch(matter, group, background, pool):
+            for _job, problem in process_image_batch(matter, group, background, pool, decontaminate=decontaminate):
                 if problem:
                     failed += 1
                     progress.error(one_line(problem))  # a library message may span lines
@@ -240,7 +246,8 @@ def run_jobs(matter: Matter, jobs: Sequence[Job], *, background: str, batch: int
     for job in (j for j in jobs if j.kind == "video"):
         try:
             frames += process_video(matter, job, background, batch, temporal, on_frames=progress.frames,
-                                    on_total=lambda n, job=job: progress.video_started(job, n))
+                                    on_total=lambda n, job=job: progress.video_started(job, n),
+                                    decontaminate=decontaminate)
             done += 1
         except (ImageReadError, ValueError, OSError, MemoryError, OrtRunError) as exc:
             failed += 1

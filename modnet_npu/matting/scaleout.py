@@ -292,14 +292,14 @@ def _decode(row: dict) -> dict:
     return {**row, "rgb": _EMPTY_RGB if rgb is None else rgb, "error": _named(problem, row) if problem else ""}
 
 
-def _save(batch: dict[str, np.ndarray], *, background: str) -> dict[str, np.ndarray]:
+def _save(batch: dict[str, np.ndarray], *, background: str, decontaminate: bool = False) -> dict[str, np.ndarray]:
     """CPU task: render every mode of each image and write it atomically (``jobs.save_job``)."""
     errors = []
     for i, source in enumerate(batch["source"]):
         problem = str(batch["error"][i])
         if not problem:
             job = Job(str(source), "image", json.loads(str(batch["outputs"][i])))
-            problem = save_job(job, batch["rgb"][i], batch["alpha"][i], background) or ""
+            problem = save_job(job, batch["rgb"][i], batch["alpha"][i], background, decontaminate=decontaminate) or ""
         errors.append(_named(problem, {"source": str(source), "path": str(batch["path"][i])}) if problem else "")
     return {"source": batch["source"], "error": np.array(errors, dtype=object), "frames": np.zeros(len(errors), int),
             "note": batch["note"]}
@@ -360,9 +360,10 @@ class _ImageActor(_Actor):
 
 class _VideoActor(_Actor):
     def __init__(self, options: EngineOptions, *, background: str, batch: int, temporal: bool,
-                 warm: warmup.ShapePlan | None = None) -> None:
+                 warm: warmup.ShapePlan | None = None, decontaminate: bool = False) -> None:
         super().__init__(options, warm=warm)
         self.options = (background, batch, temporal)
+        self.decontaminate = decontaminate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A whole video (a batch of one row): every frame on this actor, in order."""
@@ -374,7 +375,7 @@ class _VideoActor(_Actor):
         for row in rows:
             job = Job(str(row["path"]), "video", json.loads(str(row["outputs"])))
             try:
-                frames.append(process_video(self.matter, job, *self.options))
+                frames.append(process_video(self.matter, job, *self.options, decontaminate=self.decontaminate))
                 errors.append("")
             except (ImageReadError, ValueError, OSError) as exc:
                 frames.append(0)
@@ -431,23 +432,27 @@ def _rows_per_task(count: int, cpus: float) -> int:
 
 
 def _image_rows(ray: Any, jobs: Sequence[Job], placement: Placement, options: EngineOptions, *, background: str,
-                batch: int, env: dict, warm: warmup.ShapePlan | None = None) -> Iterable[dict]:
+                batch: int, env: dict, warm: warmup.ShapePlan | None = None,
+                decontaminate: bool = False) -> Iterable[dict]:
     items = [_row(job) for job in jobs]
     per_task = _rows_per_task(len(items), ray.cluster_resources().get("CPU", 1))
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
     ds = ds.map(_decode, num_cpus=TASK_CPUS, runtime_env=env)
     ds = ds.map_batches(_ImageActor, batch_size=batch, batch_format="numpy", runtime_env=env,
                         **_stage_args(placement, options, len(items), batch, warm))
-    ds = ds.map_batches(_save, batch_size=per_task, batch_format="numpy", fn_kwargs={"background": background},
+    ds = ds.map_batches(_save, batch_size=per_task, batch_format="numpy",
+                        fn_kwargs={"background": background, "decontaminate": decontaminate},
                         num_cpus=TASK_CPUS, runtime_env=env)
     return ds.iter_rows()
 
 
 def _video_rows(ray: Any, jobs: Sequence[Job], placement: Placement, options: EngineOptions, *, background: str,
-                batch: int, temporal: bool, env: dict, warm: warmup.ShapePlan | None = None) -> Iterable[dict]:
+                batch: int, temporal: bool, env: dict, warm: warmup.ShapePlan | None = None,
+                decontaminate: bool = False) -> Iterable[dict]:
     items = [_row(job) for job in jobs]
     args = _stage_args(placement, options, len(items), 1, warm)
-    args["fn_constructor_kwargs"] |= {"background": background, "batch": batch, "temporal": temporal}
+    args["fn_constructor_kwargs"] |= {"background": background, "batch": batch, "temporal": temporal,
+                                      "decontaminate": decontaminate}
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one video per block: spread over actors
     return ds.map_batches(_VideoActor, batch_size=1, batch_format="numpy", runtime_env=env, **args).iter_rows()
 
@@ -493,7 +498,8 @@ def _remove_partials(jobs: Sequence[Job]) -> None:
 
 
 def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | None = None, background: str = "white",
-               batch: int = 1, temporal: bool = False, progress: Progress | None = None, actors: int | None = None,
+               batch: int = 1, temporal: bool = False, decontaminate: bool = False,
+               progress: Progress | None = None, actors: int | None = None,
                local: LocalRay = LocalRay(), log: Callable[[str], None] = lambda m: None) -> RunSummary:
     """Run planned jobs (already reduced to what is still to do) on Ray: images, then videos.
 
@@ -524,12 +530,13 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
             with _data_settings(ray):
                 if images:
                     tally = _tally(_image_rows(ray, images, placement, options, background=background, batch=batch,
-                                               env=env, warm=plans["image"]), progress, tally,
-                                   lambda line: log(f"ray: image actor warm-up: {line}"))
+                                               env=env, warm=plans["image"], decontaminate=decontaminate),
+                                   progress, tally, lambda line: log(f"ray: image actor warm-up: {line}"))
                 if videos:
                     tally = _tally(_video_rows(ray, videos, placement, options, background=background, batch=batch,
-                                               temporal=temporal, env=env, warm=plans["video"]), progress, tally,
-                                   lambda line: log(f"ray: video actor warm-up: {line}"))
+                                               temporal=temporal, env=env, warm=plans["video"],
+                                               decontaminate=decontaminate),
+                                   progress, tally, lambda line: log(f"ray: video actor warm-up: {line}"))
     except KeyboardInterrupt:
         _remove_partials(jobs)  # after the shutdown above: no worker of ours is left to write
         raise

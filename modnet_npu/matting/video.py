@@ -14,6 +14,7 @@ import numpy as np
 
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
+from modnet_npu.matting import foreground
 from modnet_npu.matting.imaging import ImageReadError, make_background, one_frame_delay
 from modnet_npu.matting.plan import Job
 from modnet_npu.matting.matter import Matter, render
@@ -210,6 +211,8 @@ def process_video(
     temporal: bool = False,
     on_frames: Callable[[int], None] = lambda n: None,
     on_total: Callable[[int | None], None] = lambda n: None,
+    *,
+    decontaminate: bool = False,
 ) -> int:
     """Matte every frame of a video into each mode's output; returns the frame count.
 
@@ -219,6 +222,8 @@ def process_video(
     frames change size mid-stream: the outputs have one size); an output that
     cannot be written, VideoWriteError naming it; a model output that is not
     finite, NonFiniteMatteError; in every case no partial output is left.
+    ``decontaminate``: cutout and composite frames with the foreground's own
+    colours at soft edges (``foreground``, frame by frame).
     """
     src = _open_source(job.source)
     with src, contextlib.ExitStack() as stack:
@@ -233,8 +238,9 @@ def process_video(
         with _decoding(job.source):
             for frame, rgb, alpha in _smoothed(_matted(matter, _decoded(src, vs, audio, writers, batch, job.source), on_frames),
                                                temporal):
+                colours = foreground.colours_by_mode(writers, rgb, alpha, decontaminate=decontaminate)
                 for mode, w in writers.items():
-                    w.write(render(mode, rgb, alpha, bg), frame.pts, frame.time_base)
+                    w.write(render(mode, colours[mode], alpha, bg), frame.pts, frame.time_base)
                 count += 1
         for w in writers.values():
             w.close()

@@ -12,8 +12,8 @@ Where the work happens, so that the event loop never waits on it:
 * inference: one worker thread per device, fed by :class:`Batcher`, which groups
   waiting requests by model input size and runs each group as one forward.
 
-Every refusal is an :class:`ApiError`: a JSON body ``{"error": "..."}`` with its
-status, and one log line.
+Every refusal is an :class:`ApiError`: a JSON body ``{"detail": "..."}`` with its
+status (FastAPI's convention, which rembg's clients read), and one log line.
 
 The package's other modules, each one idea: ``limits`` (settings, ApiError),
 ``admission`` (the queue and the batcher), ``params`` (request parameters and the
@@ -30,7 +30,7 @@ import os
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -47,7 +47,10 @@ from modnet_npu.service.codec import check_output, decode_probed, parse_multipar
 from modnet_npu.service.connections import ConnectionGuard, clip_access_log, quiet_accept_errors
 from modnet_npu.service.core import Service
 from modnet_npu.service.limits import SEND_CHUNK, ApiError, ServiceSettings, clip, first_line
-from modnet_npu.service.params import FORM_FIELDS, MatteParams, parse_matte_params, parse_rembg_params
+from modnet_npu.service import rembg_compat
+from modnet_npu.service.params import (FORM_FIELDS, MatteParams, matte_url, parse_matte_params, parse_rembg_params,
+                                       rembg_url)
+from modnet_npu.service.url_fetch import UrlFetchError
 
 __all__ = ["ApiError", "ServiceSettings", "create_app"]
 
@@ -58,11 +61,29 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 @dataclass
 class RequestInput:
-    """What a request sent: its text fields, and the image and background bytes if uploaded."""
+    """What a request sent: its query string and form fields (apart: rembg's route reads some parameters
+    from one and some from the other), and the image and background bytes if uploaded."""
 
-    fields: dict[str, str]
+    query: dict[str, str]
+    form: dict[str, str] = field(default_factory=dict)
     image: bytes | bytearray | None = None
     background: bytes | bytearray | None = None
+
+
+# what a route reads from a request: its parameters, and the url to fetch the image from (None: none)
+Asks = Callable[[RequestInput, str], tuple[MatteParams, str | None]]
+
+
+def matte_asks(inp: RequestInput, method: str) -> tuple[MatteParams, str | None]:
+    """``/api/matte``: its parameters from the query string and the form alike (the form's win)."""
+    fields = inp.query | inp.form
+    return parse_matte_params(fields), matte_url(fields)
+
+
+def remove_asks(inp: RequestInput, method: str) -> tuple[MatteParams, str | None]:
+    """``/api/remove``: rembg's parameters from where rembg reads them (``rembg_compat.received``)."""
+    params = parse_rembg_params(rembg_compat.received(inp.query, inp.form, method=method))
+    return params, rembg_url(inp.query, inp.form, method=method, uploaded=inp.image is not None)
 
 
 # --------------------------------------------------------------------------
@@ -89,19 +110,18 @@ async def read_body(request: Request, limit: int) -> bytearray:
 
 async def read_input(request: Request, service: Service) -> RequestInput:
     """Query parameters, then the body: multipart (``file``, ``background``, fields), a form, or the raw image."""
-    fields = dict(request.query_params)
+    query = dict(request.query_params)
     body = await read_body(request, service.settings.max_bytes) if request.method == "POST" else bytearray()
     ctype = request.headers.get("content-type", "")
     kind = ctype.split(";", 1)[0].strip().lower()
     if kind == "multipart/form-data":
         form, files = await service.on_io(parse_multipart, body, ctype, service.settings.max_bytes)
-        fields |= form
-        return RequestInput(fields, files.get("file"), files.get("background"))
+        return RequestInput(query, form, files.get("file"), files.get("background"))
     if kind == "application/x-www-form-urlencoded":
-        form = _as_form(body)
-        if form is not None:
-            return RequestInput(fields | form)
-    return RequestInput(fields, body or None)
+        fields = _as_form(body)
+        if fields is not None:
+            return RequestInput(query, fields)
+    return RequestInput(query, {}, body or None)
 
 
 def _as_form(body: bytes | bytearray) -> dict[str, str] | None:
@@ -192,22 +212,36 @@ def _public_reason(exc: BaseException) -> str:
     return _SOURCE_PATH.sub("…", first_line(exc))  # then cut to a line's length, as every message
 
 
-async def _matte(request: Request, parse: Callable[[dict[str, str]], MatteParams]) -> Response:
+async def _fetched(request: Request, service: Service, url: str, url_status: Callable[[UrlFetchError], int]) -> bytes:
+    """The image at ``url``; a failure answered with the route's status for it (``url_status``)."""
+    try:
+        return await _unless_client_goes(request, service.fetch(url))
+    except ApiError as exc:
+        cause = exc.__cause__  # the fetch's own error, kept by Service.fetch
+        if isinstance(cause, UrlFetchError) and url_status(cause) != exc.status:
+            raise ApiError(url_status(cause), exc.message, exc.headers) from None
+        raise
+
+
+def _own_status(exc: UrlFetchError) -> int:
+    return exc.status
+
+
+async def _matte(request: Request, asks: Asks, url_status: Callable[[UrlFetchError], int] = _own_status) -> Response:
     service: Service = request.app.state.service
     matter = service.require_ready()
     started = time.perf_counter()
     inp = await _receive(request, service)
-    url = inp.fields.pop("url", "").strip()
     try:
-        params = parse(inp.fields)
+        params, url = asks(inp, request.method)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
-    if url and inp.image is not None:
+    if url is not None and inp.image is not None:
         raise ApiError(422, "send the image or a url, not both")
-    if not url and inp.image is None:
+    if url is None and inp.image is None:
         raise ApiError(422, "no image: send it as multipart field 'file', as the request body, or as 'url'")
-    if url:  # the fetched image is this request's body: fetched before admission, as a body is read
-        inp.image = await _unless_client_goes(request, service.fetch(url))
+    if url is not None:  # the fetched image is this request's body: fetched before admission, as a body is read
+        inp.image = await _fetched(request, service, url, url_status)
     slot = service.admission.enter()
     try:
         payload, ctype, result = await _unless_client_goes(request, _produce(service, matter, inp, params, slot))
@@ -267,7 +301,7 @@ def _error(request: Request, status: int, message: str, headers: dict[str, str] 
     client = request.client.host if request.client else "-"
     log.warning("%d %s %s from %s: %s", status, request.method, clip(request.url.path, 100), client,
                 clip(detail or message))
-    return JSONResponse({"error": clip(message)}, status_code=status, headers=headers)
+    return JSONResponse({"detail": clip(message)}, status_code=status, headers=headers)
 
 
 class _OneLineErrors:
@@ -295,7 +329,7 @@ class _OneLineErrors:
             log.error("500 %s %s from %s: %s", scope.get("method"), clip(scope.get("path", ""), 100), client,
                       clip(first_line(exc)))
             if not started:
-                body = {"error": "internal error (the server's log has the cause)"}
+                body = {"detail": "internal error (the server's log has the cause)"}
                 await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
@@ -338,11 +372,11 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.api_route("/api/matte", methods=["GET", "POST"])
     async def matte(request: Request) -> Response:
-        return await _matte(request, parse_matte_params)
+        return await _matte(request, matte_asks)
 
     @app.api_route("/api/remove", methods=["GET", "POST"])
     async def remove(request: Request) -> Response:
-        return await _matte(request, parse_rembg_params)
+        return await _matte(request, remove_asks, rembg_compat.url_status)
 
 
 def create_app(settings: ServiceSettings, open_matter: Callable[[], Matter], *,

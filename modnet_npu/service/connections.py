@@ -69,7 +69,7 @@ _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json
 
 
 def _raw_answer(template: bytes, message: str) -> bytes:
-    body = b'{"error": "%s"}' % message.encode()
+    body = b'{"detail": "%s"}' % message.encode()
     return template % (len(body), body)
 
 
@@ -375,7 +375,7 @@ def _health_only(app: Any) -> Any:
         if scope.get("type") == "http" and scope.get("path") in _HEALTH_PATHS:
             await app(scope, receive, send)
             return
-        body = b'{"error": "too many connections; retry shortly"}'
+        body = b'{"detail": "too many connections; retry shortly"}'
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
                                 (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})

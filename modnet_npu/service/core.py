@@ -227,7 +227,7 @@ class Service:
         try:
             fetched = await self.fetches.run(call, s.fetch_timeout_s)
         except url_fetch.UrlFetchError as exc:
-            raise ApiError(exc.status, str(exc)) from None
+            raise ApiError(exc.status, str(exc)) from exc  # kept: a route may answer it with its own status
         return fetched.data
 
     def model_size(self, matter: Matter, spec: SizeSpec | None, height: int, width: int) -> Size:

@@ -3,7 +3,8 @@
 :class:`ServiceSettings` holds ``serve.py``'s limits and batching options;
 :func:`memory_bound` is the worst case of those limits together (what an
 operator sizes the machine or container for); :class:`ApiError` is every
-refusal: an HTTP status and a one-line message, answered as ``{"error": "..."}``.
+refusal: an HTTP status and a one-line message, answered as ``{"detail": "..."}``
+(FastAPI's convention, which rembg's clients read).
 
 Nothing a client sent is echoed back whole: :func:`shown` quotes a value cut to
 a few dozen characters, and an :class:`ApiError` message never exceeds

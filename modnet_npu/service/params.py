@@ -63,12 +63,18 @@ def parse_matte_params(fields: dict[str, str]) -> MatteParams:
 
 
 def _flag(name: str, text: str) -> bool:
-    """``/api/matte``'s booleans read as rembg's are; an empty value is as if not sent."""
-    return bool(text.strip()) and rembg_compat.parse_bool(name, text)
+    """``/api/matte``'s booleans read as rembg's are, surrounding spaces allowed; an empty value is as if not sent."""
+    return bool(text.strip()) and rembg_compat.parse_bool(name, text.strip())
+
+
+def matte_url(fields: dict[str, str]) -> str | None:
+    """``/api/matte``'s ``url`` (from the form or the query string); None when not sent or empty."""
+    return fields.get("url", "").strip() or None
 
 
 def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
-    """rembg's parameters, validated as rembg validates them (``rembg_compat``); ``om``, ``bgc`` and ``dc`` honoured."""
+    """rembg's parameters as its route received them (``rembg_compat.received``), validated as rembg
+    validates them (``rembg_compat``); ``om``, ``bgc`` and ``dc`` honoured."""
     check_lengths(fields)
     req = rembg_compat.parse(fields)
     if req.only_mask:
@@ -76,3 +82,22 @@ def parse_rembg_params(fields: dict[str, str]) -> MatteParams:
     if req.bgc is None:
         return MatteParams(mode="cutout", decontaminate=req.decontaminate)
     return MatteParams(mode="composite", background=req.bgc, decontaminate=req.decontaminate)
+
+
+def rembg_url(query: dict[str, str], form: dict[str, str], *, method: str, uploaded: bool) -> str | None:
+    """``/api/remove``'s ``url``; None when there is none to fetch.
+
+    GET: the query's ``url`` as rembg reads it: present but empty is a URL
+    (that rembg refuses, 400), not a missing one (422). POST: rembg reads no
+    url; this service takes one from the form or the query string when no image
+    was uploaded, and ignores it beside an upload, as rembg does.
+    """
+    if method == "GET":
+        url = query.get("url")
+    elif uploaded:
+        return None
+    else:
+        url = form.get("url") or query.get("url") or None  # an empty value: not sent
+    if url is not None:
+        check_lengths({"url": url})
+    return url

@@ -1,21 +1,27 @@
-"""rembg's ``/api/remove`` parameters, validated the way rembg 2.0.86's server validates them.
+"""rembg's ``/api/remove`` parameters, read and validated the way rembg 2.0.86's server does.
 
 Checked against rembg itself (``tests/test_rembg_compat.py`` sends the same
 requests to ``rembg s`` and to ``serve.py``). rembg declares its parameters
-with FastAPI (``rembg/commands/s_command.py``), so pydantic decides what is
-accepted:
+with FastAPI (``rembg/commands/s_command.py``), so FastAPI decides where each
+is read and pydantic what is accepted:
 
+* where (:func:`received`): ``GET`` reads every parameter from the query
+  string; ``POST`` reads ``model a af ab ae om ppm dc vm`` from the form and
+  ``bgc``, ``extras`` from the query string. A parameter sent elsewhere is
+  ignored, as rembg ignores it (``POST ...?om=true`` is a cutout there too);
+* an empty form value means "not sent" (FastAPI's rule for forms, exactly
+  ``""``); an empty query value is a value, refused below like any other;
 * booleans ``a``, ``om``, ``ppm``, ``dc``, ``vm``: ``1 on t true y yes`` /
-  ``0 off f false n no``, any case; anything else is a 422;
+  ``0 off f false n no``, any case, no surrounding spaces; anything else is a 422;
 * ``af``, ``ab``: whole numbers 0..255; ``ae``: a whole number >= 0 (``240.0``
   and surrounding spaces pass, as in pydantic's lax mode); else 422;
 * ``model``: must contain one of rembg's session names (its pattern is
   searched, not matched, and is case-sensitive); else 422;
-* an empty form value means "not sent" (FastAPI's rule for forms);
-* ``bgc``: comma-separated integers, 3 or 4 of them; rembg hands them to
-  Pillow, which clips each to 0..255, and always answers RGBA (alpha 255
-  when three are given). Where rembg crashes (500: ``bgc=abc``, two or five
-  numbers) this layer answers 422 naming the parameter instead.
+* ``bgc``: comma-separated integers, 3 or 4 of them (empty: none); rembg hands
+  them to Pillow, which clips each to 0..255, and always answers RGBA (alpha
+  255 when three are given). Where rembg crashes (500: ``bgc=abc``, two or
+  five numbers) this layer answers 422 naming the parameter instead;
+* a ``url`` rembg will not use is a 400 (:func:`url_status`).
 
 What MODNet honours: ``om`` (the matte alone), ``bgc`` (the cutout over a
 colour) and ``dc`` (the foreground's colour estimated at soft edges, see
@@ -28,6 +34,7 @@ import re
 from dataclasses import dataclass
 
 from modnet_npu.service.limits import shown
+from modnet_npu.service.url_fetch import UrlFetchError, UrlRejected
 
 # rembg 2.0.86's session names (rembg.sessions.sessions_names), the pattern its server checks `model` against
 REMBG_MODELS = ("birefnet-general", "birefnet-general-lite", "birefnet-general-fp16", "birefnet-portrait",
@@ -44,6 +51,10 @@ HONOURED = {"om": "true: the matte only (mode=matte)",
             "dc": "true: the foreground's own colour at soft edges, no background spill (needs pymatting)"}
 IGNORED = ("model", "a", "af", "ab", "ae", "ppm", "vm", "extras")
 FIELDS = (*HONOURED, *IGNORED)
+# where rembg's POST reads them (FastAPI's Form and Query); its GET reads all of them from the query string
+FORM_PARAMS = ("model", "a", "af", "ab", "ae", "om", "ppm", "dc", "vm")
+QUERY_PARAMS = ("bgc", "extras")
+URL_REFUSED = 400  # rembg's status for a URL it will not use (invalid, refused, too large, bad redirects)
 
 
 @dataclass(frozen=True)
@@ -55,10 +66,25 @@ class RembgRequest:
     decontaminate: bool = False
 
 
+def received(query: dict[str, str], form: dict[str, str], *, method: str) -> dict[str, str]:
+    """rembg's parameters as its route receives them: from where it reads each (module docstring),
+    without the form's empty values; the others are not rembg's and are ignored."""
+    if method == "GET":
+        return {name: query[name] for name in FIELDS if name in query}
+    given = {name: form[name] for name in FORM_PARAMS if form.get(name, "") != ""}
+    return given | {name: query[name] for name in QUERY_PARAMS if name in query}
+
+
+def url_status(exc: UrlFetchError) -> int:
+    """rembg's status for a URL: 400 for one the asker must change (``url_fetch.UrlRejected``); where the
+    source fails (unreachable, an HTTP error, too slow) rembg crashes (500), so this service's own stands."""
+    return URL_REFUSED if isinstance(exc, UrlRejected) else exc.status
+
+
 def parse_bool(name: str, text: str) -> bool:
-    """A boolean parameter as rembg (pydantic) reads it: 1/0, on/off, t/f, true/false, y/n, yes/no, any case;
-    ValueError naming it otherwise (the value clipped: it is echoed back)."""
-    value = text.strip().lower()
+    """A boolean parameter as rembg (pydantic) reads it: 1/0, on/off, t/f, true/false, y/n, yes/no, any case,
+    nothing around it; ValueError naming it otherwise (the value clipped: it is echoed back)."""
+    value = text.lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -94,9 +120,9 @@ def _bgc(text: str) -> tuple[int, int, int, int]:
     return clipped if len(clipped) == 4 else (*clipped, 255)  # type: ignore[return-value]
 
 
-def parse(fields: dict[str, str]) -> RembgRequest:
-    """rembg's parameters from the request's fields; ValueError (a 422) naming the first bad one."""
-    given = {k: v for k, v in fields.items() if v.strip() != ""}  # an empty form value: not sent
+def parse(given: dict[str, str]) -> RembgRequest:
+    """rembg's parameters as its route received them (:func:`received`); ValueError (a 422) naming the first
+    bad one."""
     model = given.get("model")
     if model is not None and not _MODEL_PATTERN.search(model):
         raise ValueError(f"model={model!r} is not one of rembg's models ({', '.join(REMBG_MODELS)}); "
@@ -105,5 +131,5 @@ def parse(fields: dict[str, str]) -> RembgRequest:
     for name, (low, high) in INTEGERS.items():
         if name in given:
             _int(name, given[name], low, high)
-    bgc = _bgc(given["bgc"]) if "bgc" in given else None
+    bgc = _bgc(given["bgc"]) if given.get("bgc") else None  # rembg: ``if bgc`` (empty: none)
     return RembgRequest(only_mask=flags.get("om", False), bgc=bgc, decontaminate=flags.get("dc", False))

@@ -8,13 +8,24 @@ to the checked address itself (the name is not resolved again, so a DNS answer
 that changes between check and connect cannot slip through), with the
 original name in the ``Host`` header and in TLS's SNI and certificate check;
 redirects followed by hand, each one checked the same way; one deadline for
-the whole fetch; and never more than ``max_bytes`` read.
+the whole fetch; and never more than ``max_bytes`` read. Credentials in the URL
+(``http://user:pass@host/``) are sent as HTTP Basic authentication, to that URL's
+host only (a redirect elsewhere does not carry them), as curl and rembg's
+aiohttp do.
+
+Failures are :class:`UrlFetchError` with the status the service answers;
+:class:`UrlRejected`, a subclass, is what the asker must change — a URL that is
+invalid or refused, a name that does not resolve, redirects without a
+``Location`` or past the limit, an image over the byte limit — told apart from a
+source that fails (unreachable, an HTTP error, too slow). rembg answers the
+former 400 (``rembg_compat``).
 
 The resolver is a parameter so that tests can check the address rules with
 made-up answers, without sending traffic anywhere.
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import socket
@@ -31,7 +42,7 @@ from modnet_npu.service.limits import clip, shown
 # host, port -> the addresses it resolves to (strings, IPv4 or IPv6)
 Resolver = Callable[[str, int], list[str]]
 
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = 4  # rembg 2.0.86 follows 4 (five requests in all): a 5th is refused there as here
 REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 1 << 16
 
@@ -42,6 +53,11 @@ class UrlFetchError(ModnetError, ValueError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class UrlRejected(UrlFetchError):
+    """The URL (or a redirect) names nothing this server fetches, or its image is over the byte limit:
+    the asker's to change, not the source's failure (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,7 @@ def default_resolver(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise UrlFetchError(f"cannot resolve {host}: {exc}", 502) from None
+        raise UrlRejected(f"cannot resolve {host}: {exc}", 502) from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -133,13 +149,13 @@ def checked_address(host: str, port: int, *, allow_private: bool, resolver: Reso
     except ValueError:
         addresses = resolver(host, port)
     if not addresses:
-        raise UrlFetchError(f"cannot resolve {host}: no address", 502)
+        raise UrlRejected(f"cannot resolve {host}: no address", 502)
     for address in addresses:
         why = refusal(address, allow_private=allow_private)
         if why is not None:
             hint = "" if allow_private else " (start the server with --allow-private-urls to allow it)"
             named = host if host == address else f"{host} ({address})"
-            raise UrlFetchError(f"url refused: {named} is {why}{hint}", 422)
+            raise UrlRejected(f"url refused: {named} is {why}{hint}", 422)
     return addresses[0]
 
 
@@ -228,25 +244,32 @@ class _Target:
     host: str
     port: int
     path: str
+    authorization: str | None = None  # HTTP Basic, from the URL's user:password
+
+
+def _basic(user: str | None, password: str | None) -> str | None:
+    if not user and not password:  # none given (or an empty "@")
+        return None
+    pair = f"{urllib.parse.unquote(user or '')}:{urllib.parse.unquote(password or '')}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
 def parse_url(url: str) -> _Target:
-    """Scheme, host, port and path of ``url``; 422 for anything but a plain http(s) URL."""
+    """Scheme, host, port, path and credentials of ``url``; UrlRejected (422) for anything but an http(s) URL."""
     try:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise UrlFetchError(f"url {shown(url)} is not valid: {exc}", 422) from None
+        raise UrlRejected(f"url {shown(url)} is not valid: {exc}", 422) from None
     if parts.scheme not in ("http", "https"):
-        raise UrlFetchError(f"url {shown(url)}: only http and https URLs are fetched", 422)
+        raise UrlRejected(f"url {shown(url)}: only http and https URLs are fetched", 422)
     if not parts.hostname:
-        raise UrlFetchError(f"url {shown(url)} names no host", 422)
-    if parts.username or parts.password:
-        raise UrlFetchError("url: credentials in URLs are not supported", 422)
+        raise UrlRejected(f"url {shown(url)} names no host", 422)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return _Target(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), path)
+    return _Target(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), path,
+                   _basic(parts.username, parts.password))
 
 
 def _read_limited(response: http.client.HTTPResponse, sock: socket.socket | None, max_bytes: int,
@@ -254,7 +277,7 @@ def _read_limited(response: http.client.HTTPResponse, sock: socket.socket | None
     """The body, refusing more than ``max_bytes`` and a server that drips it out past the deadline."""
     declared = response.getheader("Content-Length")
     if declared and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise UrlFetchError(f"url: the image is {int(declared)} bytes, over the limit of {max_bytes}", 413)
+        raise UrlRejected(f"url: the image is {int(declared)} bytes, over the limit of {max_bytes}", 413)
     chunks, total = [], 0
     while True:
         remaining = deadline - time.monotonic()
@@ -267,7 +290,7 @@ def _read_limited(response: http.client.HTTPResponse, sock: socket.socket | None
             return b"".join(chunks)
         total += len(chunk)
         if total > max_bytes:
-            raise UrlFetchError(f"url: the image is over the limit of {max_bytes} bytes", 413)
+            raise UrlRejected(f"url: the image is over the limit of {max_bytes} bytes", 413)
         chunks.append(chunk)
 
 
@@ -281,7 +304,10 @@ def _one_hop(target: _Target, address: str, *, max_bytes: int, deadline: float, 
     else:
         conn = _PinnedHTTP(target.host, target.port, address, timeout, control)
     try:
-        conn.request("GET", target.path, headers={"Accept": "image/*", "User-Agent": "modnet-serve"})
+        headers = {"Accept": "image/*", "User-Agent": "modnet-serve"}
+        if target.authorization:
+            headers["Authorization"] = target.authorization
+        conn.request("GET", target.path, headers=headers)
         response = conn.getresponse()
         if response.status != 200:
             return response.status, response.getheader("Location"), b"", ""
@@ -333,8 +359,11 @@ def _fetch(url: str, *, max_bytes: int, timeout: float, allow_private: bool, res
         control.check(timeout, target.host)  # a body cut short by abort() reads as complete
         if status == 200:
             return Fetched(body, ctype, current)
-        if status in REDIRECTS and location:
+        if status in REDIRECTS:
+            if not location:
+                raise UrlRejected(f"url: {target.host} answered HTTP {status} without a Location", 502)
+            # a relative Location keeps the URL's host and credentials; an absolute one carries its own
             current = urllib.parse.urljoin(current, location)
             continue
         raise UrlFetchError(f"url: {target.host} answered HTTP {status}", 502)
-    raise UrlFetchError(f"url: more than {max_redirects} redirects", 502)
+    raise UrlRejected(f"url: more than {max_redirects} redirects", 502)

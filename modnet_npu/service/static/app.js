@@ -1,16 +1,20 @@
 // The matting page: one request per photo (the matte); the cutout and every
 // composite are made here, on canvases, so changing the background costs no
-// request. Plain script, no libraries: the page must work without internet.
+// request. With "Clean edge colours" the request is for the server's cutout
+// with dc=true (the colours estimated at soft edges), and the matte is its
+// alpha. Plain script, no libraries: the page must work without internet.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
+  file: null, // the photo's File, asked again when "Clean edge colours" changes
   original: null, // HTMLImageElement of the photo
-  matteBlob: null, // the PNG the server sent
+  matteBlob: null, // the matte as a PNG
   cutout: null, // canvas: the photo with the matte as alpha
   bgImage: null, // HTMLImageElement chosen as background
   name: "photo",
+  turn: 0, // the latest request: an answer to an earlier one (the option changed meanwhile) is dropped
 };
 
 function setState(name) {
@@ -90,6 +94,34 @@ function makeCutout(photo, matte) {
   return out;
 }
 
+// An image drawn on a canvas of its own size.
+function canvasFromImage(img) {
+  const out = canvasOf(img.naturalWidth, img.naturalHeight);
+  out.getContext("2d").drawImage(img, 0, 0);
+  return out;
+}
+
+// The matte of a cutout: its alpha as grey levels.
+function matteOf(cutout) {
+  const w = cutout.width;
+  const h = cutout.height;
+  const rgba = cutout.getContext("2d").getImageData(0, 0, w, h);
+  for (let i = 0; i < rgba.data.length; i += 4) {
+    const a = rgba.data[i + 3];
+    rgba.data[i] = a;
+    rgba.data[i + 1] = a;
+    rgba.data[i + 2] = a;
+    rgba.data[i + 3] = 255;
+  }
+  const out = canvasOf(w, h);
+  out.getContext("2d").putImageData(rgba, 0, 0);
+  return out;
+}
+
+function pngOf(canvas) {
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+}
+
 // Scale an image to cover w x h, keeping its aspect, centred (as the server's imaging.cover).
 function drawCover(ctx, img, w, h) {
   const iw = img.naturalWidth;
@@ -144,8 +176,8 @@ function renderResult() {
 
 async function errorText(response) {
   try {
-    const body = await response.json();
-    if (body && body.error) return body.error;
+    const body = await response.json(); // {"detail": "..."}: FastAPI's error body, as rembg's
+    if (body && typeof body.detail === "string" && body.detail) return body.detail;
   } catch (_) {
     // not JSON: fall through to the status line
   }
@@ -156,6 +188,7 @@ const STATUS_WORDS = {
   413: "The photo is too large for this server",
   415: "That file is not an image the server can read",
   422: "The server did not accept a parameter",
+  501: "The server cannot do this",
   503: "The server is busy or still starting; try again in a moment",
   504: "The server took too long",
 };
@@ -167,39 +200,54 @@ async function matte(file) {
     showError(`“${file.name}” is not an image (it is ${file.type}); choose a photo.`);
     return;
   }
+  state.file = file;
   state.name = (file.name || "photo").replace(/\.[^.]*$/, "") || "photo";
   setState("working");
-  $("status").textContent = "Matting…";
+  const clean = $("dc").checked;
+  $("status").textContent = clean ? "Matting and cleaning the edge colours…" : "Matting…";
   const form = new FormData();
   form.append("file", file, file.name || "pasted.png");
   const started = performance.now();
+  const ask = clean ? "api/matte?mode=cutout&format=png&dc=true" : "api/matte?mode=matte&format=png";
+  const turn = ++state.turn;
   let response;
   try {
-    response = await fetch("api/matte?mode=matte&format=png", { method: "POST", body: form });
+    response = await fetch(ask, { method: "POST", body: form });
   } catch (err) {
-    showError(`Could not reach the server: ${err.message}.`);
+    if (turn === state.turn) showError(`Could not reach the server: ${err.message}.`);
     return;
   }
+  if (turn !== state.turn) return;
   if (!response.ok) {
     const words = STATUS_WORDS[response.status] || "The server refused the photo";
     showError(`${words} (HTTP ${response.status}): ${await errorText(response)}.`);
     return;
   }
-  state.matteBlob = await response.blob();
+  const blob = await response.blob();
+  if (turn !== state.turn) return;
   const elapsed = performance.now() - started;
-  await showResults(file, response, elapsed);
+  await showResults(file, response, blob, clean, elapsed);
 }
 
-async function showResults(file, response, elapsed) {
+// The server's answer: the matte (the cutout is made here), or with clean edge colours its cutout
+// (the matte is its alpha).
+async function showResults(file, response, blob, clean, elapsed) {
   try {
-    const [photo, matteImg] = await Promise.all([
+    const [photo, answer] = await Promise.all([
       imageFrom(URL.createObjectURL(file)),
-      imageFrom(URL.createObjectURL(state.matteBlob)),
+      imageFrom(URL.createObjectURL(blob)),
     ]);
     state.original = photo;
     $("original").src = photo.src;
-    $("matte").src = matteImg.src;
-    state.cutout = makeCutout(photo, matteImg);
+    if (clean) {
+      state.cutout = canvasFromImage(answer);
+      state.matteBlob = await pngOf(matteOf(state.cutout));
+      $("matte").src = URL.createObjectURL(state.matteBlob);
+    } else {
+      state.matteBlob = blob;
+      $("matte").src = answer.src;
+      state.cutout = makeCutout(photo, answer);
+    }
   } catch (err) {
     showError(`The result could not be shown: ${err.message}.`);
     return;
@@ -209,8 +257,9 @@ async function showResults(file, response, elapsed) {
   for (const id of ["dl-matte", "dl-cutout", "dl-composite"]) $(id).disabled = false;
   renderResult();
   const h = response.headers;
+  document.body.dataset.clean = clean ? "yes" : "no";
   $("status").textContent =
-    `Done in ${elapsed.toFixed(0)} ms (inference ${h.get("X-Inference-Ms")} ms, ` +
+    `Done in ${elapsed.toFixed(0)} ms${clean ? ", edge colours cleaned" : ""} (inference ${h.get("X-Inference-Ms")} ms, ` +
     `batch of ${h.get("X-Batch-Size")}, model input ${h.get("X-Model-Size")}) on ` +
     `${document.body.dataset.backend || "?"} / ${document.body.dataset.device || "?"}.`;
   setState("done");
@@ -265,6 +314,7 @@ function wire() {
     renderResult();
   });
   $("bg-file").addEventListener("change", (e) => setBackgroundImage(e.target.files[0]));
+  $("dc").addEventListener("change", () => { if (state.file) matte(state.file); }); // one request, as for a new photo
   $("dl-matte").addEventListener("click", () => download(state.matteBlob, "matte"));
   $("dl-cutout").addEventListener("click", () => downloadCanvas(state.cutout, "cutout"));
   $("dl-composite").addEventListener("click", () => {
