@@ -5,7 +5,7 @@ folder, keyed by the code and library versions that produce them.
 
 Markers (registered in pyproject.toml) are applied here, by test module, test name and fixture,
 so test files need no edits: ``slow``, ``browser``, ``ray``, ``device``, and ``fast`` for every
-test with none of those. The fast subset: ``python3 -m pytest -q -m fast tests``.
+test with none of those. The fast subset: ``python3 -m pytest -q -n auto -m fast tests``.
 """
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from modnet_npu.runtime.process_setup import configure_openmp  # noqa: E402  (torch-free)
+
+# As the tools do, before torch loads: OpenMP threads that wait at a barrier sleep after ~25 us
+# instead of spinning ~7 ms. Test workers share the CPUs (pytest -n), and a spinning thread then
+# holds a core its partner waits for: the suite's CPU time grows with every forward.
+configure_openmp()
 
 from modnet_npu.source import synthetic as synthetic_model  # noqa: E402
 
@@ -68,6 +75,12 @@ def webnn_file(flavour_files: dict[str, str]) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: the heavier real-model checks (deselect with -m 'not slow')")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # a worker of pytest -n: its share of the CPUs, not all of them (oversubscribed
+        import torch  # OpenMP threads wait on each other at every barrier)
+        from modnet_npu.proof.timing import usable_cpus
+
+        torch.set_num_threads(max(1, usable_cpus() // workers))
 
 
 def seed_synthetic_cache(models_dir: Path, flavour_files: dict[str, str]) -> None:
@@ -244,6 +257,26 @@ def _process_signal_handlers():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """With ``MODNET_TEST_CPU_LOG=FILE``: each test's CPU seconds (set-up, call and tear-down; this process
+    and the subprocesses it waited for) appended to FILE as ``seconds<TAB>test id``. On a shared machine
+    wall times say more about the neighbours than about the test; CPU time is what the test costs."""
+    log = os.environ.get("MODNET_TEST_CPU_LOG")
+    before = _cpu_seconds() if log else 0.0
+    yield
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{_cpu_seconds() - before:.2f}\t{item.nodeid}\n")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 @functools.lru_cache(maxsize=1)
