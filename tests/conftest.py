@@ -28,6 +28,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Bytecode caches (__pycache__, ignored by git) are written even where PYTHONDONTWRITEBYTECODE is
+# set, here and in the subprocesses the tests start: without them every worker compiles the test
+# modules (and their assertion rewriting) and every child process the package, again: collecting
+# took 6 s a worker instead of 1.3 s, and each of the suite's ~100 child processes paid its share.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 from modnet_npu.runtime.process_setup import configure_openmp  # noqa: E402  (torch-free)
 
 # As the tools do, before torch loads: OpenMP threads that wait at a barrier sleep after ~25 us
@@ -182,8 +189,10 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
 # markers
 # --------------------------------------------------------------------------
 
-# Picked by measuring (--durations=0, the whole suite on a shared 2-core machine at load ~10: 24 min
-# wall, 7 min CPU): a test is slow when it took over 4 s there, or uses a fixture that cost that much.
+# Picked by measuring: first (--durations=0, the whole suite on a shared 2-core machine at load ~10)
+# a test is slow when it took over 4 s there, or uses a fixture that cost that much; then, to keep the
+# fast subset under a minute on two cores with pytest -n, the fast tests that took over ~1 s alone
+# (MODNET_TEST_CPU_LOG and --durations on a quiet machine, 2026-12-01).
 
 # every test of a module
 MODULE_MARKERS: dict[str, tuple[str, ...]] = {
@@ -212,8 +221,11 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
     "test_acceleration.py": ("test_batch_parallel_gives_the_same_result", "test_compiled_package_is_cached_and_reused",
                              "test_modnet_compiled_through_the_runner_matches_eager",
                              "test_a_package_that_cannot_be_loaded_is_compiled_again_said_in_one_line",
-                             "test_a_failed_compilation_is_one_line"),
-    "test_routes.py": ("test_three_routes_side_by_side",),
+                             "test_a_failed_compilation_is_one_line",
+                             "test_the_compile_cache_key_names_the_device_architecture",
+                             "test_compile_without_a_cxx_compiler_is_one_clear_line"),
+    "test_routes.py": ("test_three_routes_side_by_side", "test_cann_provider_without_cann_falls_back_and_is_refused",
+                       "test_om_without_a_runtime_compiles_then_is_one_line"),
     "test_tool_hostile.py": ("test_an_image_too_large_for_the_memory_fails_alone",
                              "test_a_signal_during_a_video_cleans_up_like_ctrl_c",
                              "test_endless_stdin_ends_in_one_line_under_a_memory_cap"),
@@ -228,7 +240,7 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
                           "test_stdin_to_stdout", "test_torch_and_ort_agree_within_one_level",
                           "test_video_keeps_frames_rate_audio_and_alpha"),
     "test_inference_form.py": ("test_half_precision_stays_close", "test_same_function_as_faithful_at_any_size"),
-    "test_layerwise.py": ("test_bad_options_are_errors",),
+    "test_layerwise.py": ("test_bad_options_are_errors", "test_a_conversion_passed_in_is_reused_not_redone"),
     "test_modnet_arch.py": ("test_analysis_of_an_anonymous_graph", "test_cli_table_and_json",
                             "test_cost_grows_with_pixels"),
     "test_pipeline.py": ("test_ground_truth_problems_are_one_line", "test_layerwise_on_request_finds_no_divergence",
@@ -237,12 +249,18 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
     "test_run_npu_inference.py": ("test_faithful_form_is_measured_when_asked",
                                   "test_half_precision_run_reports_its_precision",
                                   "test_local_dynamic_file_at_another_size", "test_parity_failure_exits_non_zero"),
-    "test_service.py": ("test_a_full_queue_answers_503_with_retry_after", "test_a_model_that_cannot_load_ends_the_server",
+    "test_service.py": ("test_a_full_queue_answers_503_with_retry_after",
+                        "test_a_model_that_cannot_load_ends_the_server",
                         "test_inference_over_the_timeout_is_a_504_and_keeps_its_slot_until_done",
                         "test_soak_no_errors_and_bounded_memory"),
     "test_synthetic_model.py": ("test_flavours_are_what_they_claim",
                                 "test_the_pipelines_flavour_needs_only_requirements_txt"),
     "test_video.py": ("test_a_real_write_failure_through_the_cli",),
+    "test_peers.py": ("test_engines_part_times_and_prices_each_precision",),
+    "test_openvino_engine.py": ("test_batches_and_fixed_batch_graphs",),
+    "test_timing.py": ("test_probe_flags_a_busy_process_beside_it",),
+    "test_startup.py": ("test_the_torch_path_without_compile_imports_no_dynamo",  # a process loading torch
+                        "test_the_service_on_ort_loads_no_torch"),  # a server started and asked, twice
 }
 
 NOT_FAST = ("slow", "browser", "ray", "device")

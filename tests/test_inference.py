@@ -414,7 +414,7 @@ def test_decontaminate_reaches_the_ray_workers_writes(tmp_path, estimated, monke
 
     batch = {"source": column("p.jpg"), "path": column(str(PORTRAIT)), "error": column(""),
              "outputs": column(json.dumps({"cutout": target})), "rgb": column(rgb),
-             "alpha": column(np.full((512, 512), 0.5, np.float32))}
+             "alpha": column(np.full((512, 512), 0.5, np.float32)), "note": column("")}
     assert scaleout._save(batch, background="white", decontaminate=True)["error"][0] == ""
     assert (np.asarray(Image.open(target))[..., :3] == MAGENTA).all()
 

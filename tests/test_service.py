@@ -79,8 +79,9 @@ def _assert_json_error(response: httpx.Response, status: int, fragment: str = ""
 @pytest.fixture(scope="module")
 def server(flavour_files, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    # one thread: a 2-core machine shared with other work runs multi-threaded forwards badly
-    args = ["--model", flavour_files["official"], "--backend", "torch", "--device", "cpu", "--size", "256",
+    # one thread: a 2-core machine shared with other work runs multi-threaded forwards badly; short side
+    # 128: what these tests check does not depend on the size, and every forward costs a quarter of 256's
+    args = ["--model", flavour_files["official"], "--backend", "torch", "--device", "cpu", "--size", "128",
             "--threads", "1", "--batch-window-ms", "5", "--max-batch", "8"]
     with ServerProcess(args, log_path=str(log)) as proc:
         yield proc
@@ -109,7 +110,7 @@ def test_info_reports_engine_model_and_limits(client, flavour_files):
     expected_sha = hashlib.sha256(Path(flavour_files["official"]).read_bytes()).hexdigest()
     assert info["model"] == {"source": "local", "file": "modnet_official.onnx", "sha256": expected_sha,
                              "method": None, "warning": None}
-    assert info["warning"] is None and info["model_size"] == "short side 256"
+    assert info["warning"] is None and info["model_size"] == "short side 128"
     assert info["limits"] == {"max_bytes": 20_000_000, "max_pixels": 40_000_000, "max_model_pixels": 2_100_000,
                               "max_queue": 64, "queue_pixels": 80_000_000, "timeout_s": 60.0,
                               "url_timeout_s": 10.0, "private_urls_allowed": False, "max_connections": 64,
@@ -173,7 +174,7 @@ def test_every_mode_and_format(client, mode, fmt, ctype, pil_mode):
 def test_default_mode_is_a_cutout_at_the_server_size(client):
     r = client.post("/api/matte", files={"file": ("p.jpg", PORTRAIT.read_bytes(), "image/jpeg")})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert r.headers["X-Model-Size"] == "256x256"  # serve.py --size 256 on a 512x512 photo
+    assert r.headers["X-Model-Size"] == "128x128"  # serve.py --size 128 on a 512x512 photo
     out = _decode(r.content)
     assert out.mode == "RGBA" and out.size == (512, 512)
     assert np.array_equal(np.asarray(out)[..., :3], _portrait())  # the photo itself, only the alpha is new
