@@ -329,7 +329,18 @@ def _markers_for(item: pytest.Item) -> set[str]:
     return names
 
 
+# The modules that take longest (wall time, CPU and waiting; MODNET_TEST_CPU_LOG and --durations,
+# 2026-12-01), run first: with pytest -n each module runs whole on one worker (--dist loadfile), and a
+# long one started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_scaleout.py", "test_real_model.py", "test_acceleration.py", "test_layerwise.py",
+                 "test_pipeline.py", "test_service.py", "test_error_contract.py", "test_run_npu_inference.py",
+                 "test_inference.py", "test_convert_onnx_to_torch.py", "test_serve_browser.py",
+                 "test_inference_form.py", "test_openvino_engine.py", "test_benchmark.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
     for item in items:
         for name in sorted(_markers_for(item)):
             item.add_marker(name)

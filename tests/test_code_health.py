@@ -186,5 +186,5 @@ def test_the_marker_lists_name_tests_and_fixtures_that_exist():
     wanted = [(m, t) for (m, t) in conftest.TEST_MARKERS] + [(m, f) for (m, f) in conftest.FIXTURE_MARKERS]
     wanted += [(m, t) for m, tests in conftest.SLOW_TESTS.items() for t in tests]
     stale = [f"{m}::{name}" for m, name in wanted if name not in defined(m) | defined("conftest.py")]
-    stale += [m for m in conftest.MODULE_MARKERS if not (ROOT / "tests" / m).exists()]
+    stale += [m for m in (*conftest.MODULE_MARKERS, *conftest.LONGEST_FIRST) if not (ROOT / "tests" / m).exists()]
     assert not stale, "tests/conftest.py marks what does not exist (renamed?):\n" + "\n".join(stale)
