@@ -300,3 +300,16 @@ def test_compiled_packages_go_to_the_models_dir_asked_for(webnn_file, tmp_path):
     engine = engines.open_engine("torch", webnn_file, options)  # nothing is compiled before a shape is prepared
     assert engine.runner.compiled.cache_dir == str(tmp_path / ".compile-cache")
     assert (tmp_path / ".compile-cache").is_dir() and engine.batch_sizes == (1, 2, 4, 8)
+
+
+def test_the_arena_is_handed_back_only_after_a_forward_larger_than_asked(flavour_files):
+    from modnet_npu.runtime.engines import OrtEngine
+
+    engine = OrtEngine(flavour_files["official"], threads=1)
+    small, large = np.zeros((1, 3, 64, 64), np.float32), np.zeros((3, 3, 64, 64), np.float32)
+    assert engine._run_options(large) is None  # a one-off run keeps ONNX Runtime's defaults
+    engine.shrink_arena_above = 2 * 64 * 64
+    assert engine._run_options(small) is None
+    options = engine._run_options(large)
+    assert options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert engine.infer(large).shape == (3, 64, 64) and engine.infer(small).shape == (1, 64, 64)

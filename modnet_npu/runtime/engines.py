@@ -142,18 +142,33 @@ class OrtEngine:
         self.fixed_size: Size | None = (int(shape[2]), int(shape[3])) if static_hw else None
         self.fixed_batch = int(shape[0]) if isinstance(shape[0], int) else None
         self.description = "ONNX Runtime on the CPU"
-        self.run_options = None  # onnxruntime.RunOptions for every run (the service shrinks the arena with it)
+        # ONNX Runtime's arena keeps what its largest forward took (growing by powers of two). A forward
+        # of more model input pixels than this (batch x height x width) hands its arena's free memory
+        # back afterwards; None: never (a one-off run). The service sets it (service/core.py).
+        self.shrink_arena_above: int | None = None
+        self._shrink = None  # its onnxruntime.RunOptions, made on first use
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The graph's own output ``(N, 1, h, w)``; a fixed-batch graph takes a batch image by image."""
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
             return np.concatenate([self.run(x[i : i + 1]) for i in range(x.shape[0])])
         try:
-            return self.session.run(None, {self.input_name: x}, self.run_options)[0]
+            return self.session.run(None, {self.input_name: x}, self._run_options(x))[0]
         except Exception as exc:
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise
             raise OrtRunError(f"ONNX Runtime failed at input {x.shape[2]}x{x.shape[3]}: {_ort_reason(exc)}") from None
+
+    def _run_options(self, x: np.ndarray):
+        """The run's options: arena shrinkage after a forward larger than ``shrink_arena_above``, else None."""
+        if self.shrink_arena_above is None or x.shape[0] * x.shape[2] * x.shape[3] <= self.shrink_arena_above:
+            return None
+        if self._shrink is None:
+            import onnxruntime as ort
+
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return self._shrink
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self.run(x)[:, 0]
