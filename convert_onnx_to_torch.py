@@ -9,17 +9,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from modnet_npu.cli import Parser, run_command
-from modnet_npu.conversion.convert import (Conversion, ConversionError, ConversionReport, build_torch_model_from_onnx,
-                                           convert)
-from modnet_npu.conversion.state_dict import CHECKPOINT_SUFFIXES, save_state_dict
+from modnet_npu.cli import Parser, lazy_exports, run_command
 from modnet_npu.errors import UsageError
-from modnet_npu.model.modnet import load_checkpoint
 
+if TYPE_CHECKING:
+    from modnet_npu.conversion.convert import ConversionReport
+
+# ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["Conversion", "ConversionError", "ConversionReport", "build_torch_model_from_onnx", "convert",
            "save_state_dict", "main"]
+# imported on first use (they load torch and onnx): --help and a bad option are answered without them
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "modnet_npu.conversion.convert": ("Conversion", "ConversionError", "ConversionReport",
+                                      "build_torch_model_from_onnx", "convert"),
+    "modnet_npu.conversion.state_dict": ("save_state_dict",),
+})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,10 @@ def _print_conversion(r: ConversionReport, show_layers: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from modnet_npu.conversion.convert import convert
+    from modnet_npu.conversion.state_dict import CHECKPOINT_SUFFIXES, save_state_dict
+    from modnet_npu.model.modnet import load_checkpoint
+
     out = args.output or os.path.splitext(args.source)[0] + ".pt"
     if not out.endswith((".pt", ".pth", ".safetensors")):
         raise UsageError(f"output {out!r} must end in .pt, .pth or .safetensors")

@@ -12,11 +12,15 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
-from modnet_npu.cli import Parser, run_command
-from modnet_npu.graph.analysis import ArchReport, ConvRow, analyse, count_ops, format_report
+from modnet_npu.cli import Parser, lazy_exports, run_command
 from modnet_npu.matting.imaging import ShortSide, parse_size_spec
 
+# ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["ArchReport", "ConvRow", "analyse", "count_ops", "format_report", "main"]
+# imported on first use (the analysis loads torch and onnx): --help and a bad option are answered without them
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "modnet_npu.graph.analysis": ("ArchReport", "ConvRow", "analyse", "count_ops", "format_report"),
+})
 
 
 def _square_or_hw(text: str) -> tuple[int, int]:
@@ -46,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from modnet_npu.graph.analysis import analyse, format_report
+
     report = analyse(args.model, *args.size, batch=args.batch)
     if args.json:
         data = asdict(report)

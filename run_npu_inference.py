@@ -24,18 +24,23 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-from modnet_npu.cli import EXIT_CHECK_FAILED, Parser, run_command
-from modnet_npu.conversion.convert import build_torch_model_from_onnx
+from modnet_npu.cli import EXIT_CHECK_FAILED, Parser, lazy_exports, run_command
 from modnet_npu.errors import UsageError
 from modnet_npu.fileio import check_output_folder
 from modnet_npu.matting.imaging import parse_size_spec, postprocess, preprocess
-from modnet_npu.proof.layerwise import compare_layers
-from modnet_npu.proof.pipeline import ENGINE_DEFAULTS, Options, banner, run
-from modnet_npu.proof.report import summary_table
+from modnet_npu.proof.options import ENGINE_DEFAULTS, Options
 from modnet_npu.routes import ROUTE_PRECISIONS, parse_routes
 from modnet_npu.runtime.options import DEVICE_CHOICES, add_engine_arguments, engine_options_from
 
+# ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
+# imported on first use (the pipeline loads torch and onnx): --help and a bad option are answered without them
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "modnet_npu.conversion.convert": ("build_torch_model_from_onnx",),
+    "modnet_npu.proof.layerwise": ("compare_layers",),
+    "modnet_npu.proof.pipeline": ("banner", "run"),
+    "modnet_npu.proof.report": ("summary_table",),
+})
 
 # Engine options that do not apply: both engines run; the model input sizes are --size/--sizes below; the
 # parity run is always strict fp32; --no-synthetic-fallback says the opposite of --allow-synthetic.
@@ -162,6 +167,9 @@ def options_from(args: argparse.Namespace) -> Options:
 
 
 def _print_outcome(outcome, output_dir: str) -> int:
+    from modnet_npu.proof.pipeline import banner
+    from modnet_npu.proof.report import summary_table
+
     report = outcome.report
     print()
     print(summary_table(report))
@@ -193,7 +201,8 @@ def _main(args: argparse.Namespace) -> int:
     settings = setup_process(threads=e.threads, compile_cache_dir=os.path.join(e.models_dir, ".compile-cache"))
     # the effective count (0 = the CPUs free now; clamped)
     opts = replace(opts, engine=replace(e, threads=settings.threads))
-    return _print_outcome(run(opts), opts.output_dir)
+    pipeline = sys.modules[__name__].run  # looked up on the module, where a test may have replaced it
+    return _print_outcome(pipeline(opts), opts.output_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,10 +9,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from modnet_npu.cli import Parser, run_command
-from modnet_npu.source.synthetic import DEFAULT_SEED, FLAVOURS, generate, seeded_modnet
+from modnet_npu.cli import Parser, lazy_exports, run_command
+from modnet_npu.source.flavours import DEFAULT_SEED, FLAVOURS
 
+# ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["FLAVOURS", "generate", "seeded_modnet", "main"]
+# imported on first use (the generator loads torch and onnx): --help and a bad option are answered without them
+__getattr__, __dir__ = lazy_exports(__name__, {"modnet_npu.source.synthetic": ("generate", "seeded_modnet")})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from modnet_npu.source.synthetic import generate
+
     paths = generate(args.out_dir, args.flavour or FLAVOURS, args.seed)
     for flavour, path in paths.items():
         print(f"{flavour:<12} {path}")

@@ -11,12 +11,16 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
-from modnet_npu.cli import Parser, run_command
-from modnet_npu.graph.weights import (GraphFacts, OnnxReadError, OnnxWeights, TensorInfo, ValueInfo, format_summary,
-                                      load_onnx, read_weights, save_npz, summarize)
+from modnet_npu.cli import Parser, lazy_exports, run_command
 
+# ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["GraphFacts", "OnnxReadError", "OnnxWeights", "TensorInfo", "ValueInfo", "load_onnx", "read_weights",
            "save_npz", "summarize", "main"]
+# imported on first use (the reader loads onnx): --help and a bad option are answered without it
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "modnet_npu.graph.weights": ("GraphFacts", "OnnxReadError", "OnnxWeights", "TensorInfo", "ValueInfo", "load_onnx",
+                                 "read_weights", "save_npz", "summarize"),
+})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from modnet_npu.graph.weights import format_summary, read_weights, save_npz, summarize
+
     weights = read_weights(args.model)
     summary = summarize(weights)
     print(json.dumps(asdict(summary), indent=2) if args.json else format_summary(summary))

@@ -15,9 +15,10 @@ and says what went wrong in one line starting ``error:`` on stderr, never a trac
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from modnet_npu.errors import ModnetError, UsageError
 
@@ -104,3 +105,29 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
         return body(args)
     except (ModnetError, OSError, ValueError, MemoryError, KeyboardInterrupt) as exc:
         return report(exc)
+
+
+def lazy_exports(module_name: str, owners: Mapping[str, Sequence[str]]) -> tuple[Callable[[str], Any],
+                                                                                Callable[[], list[str]]]:
+    """A command-line face's ``__getattr__`` and ``__dir__`` (PEP 562): each name of ``owners[module]``
+    imported from that module on first use, then kept in the face.
+
+    The faces re-export the package's API, whose modules import torch or onnx (seconds): imported at the
+    top, ``--help`` and a bad option would wait for them. ``__getattr__, __dir__ = lazy_exports(__name__,
+    {...})`` keeps ``from face import name`` (and ``monkeypatch.setattr(face, name, ...)``) working.
+    """
+    module = sys.modules[module_name]
+    owner_of = {name: owner for owner, names in owners.items() for name in names}
+
+    def __getattr__(name: str) -> Any:
+        owner = owner_of.get(name)
+        if owner is None:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(owner), name)
+        setattr(module, name, value)  # the next look-up is a plain attribute
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(module)) | set(owner_of))
+
+    return __getattr__, __dir__

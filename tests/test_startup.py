@@ -135,3 +135,50 @@ def test_the_service_on_ort_loads_no_torch(tmp_path, webnn_file, backend):
     libraries = {line.split()[-1] for line in maps.splitlines() if ".so" in line}
     assert any("onnxruntime" in lib for lib in libraries)  # the reading works: the engine's own library is there
     assert not [lib for lib in libraries if "libtorch" in lib], f"serve.py --backend {backend} loaded torch"
+
+
+# The command-line faces answer --help and a bad option before the package's torch and onnx modules load; what
+# they re-export (their __all__) is imported on first use (modnet_npu.cli.lazy_exports).
+FACES = ("run_npu_inference", "convert_onnx_to_torch", "modnet_arch", "synthetic_model", "weight_extractor")
+AS_COMMAND = """
+import json, runpy, sys
+path, *argv = sys.argv[1:]
+sys.argv = [path, *argv]
+try:
+    runpy.run_path(path, run_name="__main__")
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "loaded": [m for m in ("torch", "onnx", "onnxruntime") if m in sys.modules]}),
+      file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-option"], 2)])
+def test_a_face_answers_help_and_bad_options_without_torch_or_onnx(face, argv, code):
+    done = subprocess.run([sys.executable, "-c", AS_COMMAND, f"{face}.py", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    result = json.loads(done.stderr.splitlines()[-1])
+    assert result == {"code": code, "loaded": []}, done.stderr[-3000:]
+    # a required positional is missing before the bad option is reached: either way argparse's one line
+    assert done.stdout.startswith("usage:") if code == 0 else done.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_every_name_a_face_exports_is_its_owners(face):
+    import importlib
+    import inspect
+
+    module = importlib.import_module(face)
+    for name in module.__all__:
+        value = getattr(module, name)  # the first use imports the owning module
+        if callable(value):  # a function or class: defined in the package under that name (main: the face's)
+            owner = inspect.getmodule(value)
+            assert owner is module if name == "main" else owner.__name__.startswith("modnet_npu."), name
+            assert getattr(owner, name) is value, name
+        else:  # data (synthetic_model.FLAVOURS)
+            assert value, name
+        assert name in dir(module)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        module.no_such_name  # noqa: B018  (an unknown name is still an AttributeError, not an import)

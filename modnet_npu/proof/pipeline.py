@@ -6,27 +6,28 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from modnet_npu import DEFAULT_IMAGE, REPO_ROOT, routes
+from modnet_npu import routes
 from modnet_npu.runtime import devices
 from modnet_npu.conversion.convert import Conversion, convert
 from modnet_npu.runtime.engines import OrtEngine
 from modnet_npu.runtime.torch_engine import TorchEngine
 from modnet_npu.fileio import STALE_AFTER_S, clean_stale_parts, write_bytes, write_image, write_json
 from modnet_npu.matting.imaging import Size, parse_size_spec, to_uint8
-from modnet_npu.runtime.options import EngineOptions
 from modnet_npu.source.resolve import ModelSource, resolve_or_fallback
 from modnet_npu.graph.analysis import ArchReport, count_ops
 from modnet_npu.proof.parity import Case, CaseResult, ParitySummary, Thresholds, list_images, plan_cases, run_case, summarize
 from modnet_npu.proof.parity import with_ground_truth
-from modnet_npu.model.precision import MAE_THRESHOLDS, MAX_ERROR_THRESHOLD
+from modnet_npu.model.precision import MAE_THRESHOLDS
 from modnet_npu.runtime.process_setup import effective_threads
+# the run's options live torch-free so a command line answers --help before torch loads
+from modnet_npu.proof.options import DEFAULT_OUTPUT, ENGINE_DEFAULTS, Options  # noqa: F401  (re-exported)
 from modnet_npu.proof.report import (
     Accuracy,
     ConversionInfo,
@@ -46,49 +47,10 @@ from modnet_npu.graph.weights import GraphFacts, OnnxWeights, read_weights
 if TYPE_CHECKING:
     from modnet_npu.proof.layerwise import LayerwiseReport
 
-DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "output")
 TOTAL_STEPS = 7
 # parity sizes of a dynamic file when none are given: the seed's run (256x256, so the
 # benchmark, which runs at the first, compares with the seed's table), then MODNet's own rule
 DEFAULT_SIZES = ("256x256", "auto")
-
-
-# The pipeline's engine defaults: the generated model stands in when the default id cannot be downloaded
-# (announced in a banner and in the report).
-ENGINE_DEFAULTS = EngineOptions(allow_synthetic=True)
-
-
-@dataclass(frozen=True)
-class Options:
-    """Everything a run can be told; the command line's defaults come from here.
-
-    ``engine``: the model, device, precision, model form, threads and fast path
-    (``runtime.options``, shared with every tool). The PyTorch side always runs
-    with ``strict_fp32`` (a parity run); ``engine.backend``, ``engine.size`` and
-    ``engine.max_side`` do not apply (both engines run; ``size``/``sizes`` below).
-    """
-
-    engine: EngineOptions = ENGINE_DEFAULTS
-    image: str = DEFAULT_IMAGE
-    images: tuple[str, ...] = ()  # parity images (files); empty: ``image`` alone
-    image_dirs: tuple[str, ...] = ()  # folders whose images join the parity run
-    size: str | None = None  # auto, N (short side) or HxW; None: the file's own, else DEFAULT_SIZES
-    sizes: tuple[str, ...] = ()  # several sizes for a dynamic file (each as --size)
-    alphas: str | None = None  # folder of ground-truth alpha mattes, matched by file stem
-    layerwise: bool = False  # layer-by-layer comparison (also run once when parity fails)
-    layer_threshold: float | None = None  # None: layerwise.LAYER_THRESHOLDS[precision]
-    runs: int = 20
-    warmup: int = 3
-    batch_sizes: tuple[int, ...] = (1, 8)
-    mae_threshold: float | None = None  # None: MAE_THRESHOLDS[precision]
-    max_threshold: float = MAX_ERROR_THRESHOLD
-    output_dir: str = DEFAULT_OUTPUT
-    timeout: float = 30.0
-    retries: int = 3
-    routes: tuple[str, ...] = ("torch",)  # routes side by side (modnet_npu.routes); torch alone: the run as it was
-    soc_version: str | None = None  # ATC's --soc_version for the om route; None: read from the device
-    route_precision: str = "fp32"  # fp32 kept on every route, or "native": each route's own default (fp16)
-    log: Callable[[str], None] = field(default=print, compare=False)
 
 
 def banner(text: str) -> str:

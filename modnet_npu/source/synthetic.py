@@ -51,8 +51,9 @@ from onnx import helper, numpy_helper
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
 from modnet_npu.model.modnet import MODNet, IBNorm, INSTANCE_NORM_EPS, SEBlock
+# the names and the seed live torch-free: synthetic_model.py's parser offers them before torch loads
+from modnet_npu.source.flavours import DEFAULT_SEED, FLAVOURS  # noqa: F401  (re-exported)
 
-DEFAULT_SEED = 0
 STATIC_SIZE = 256
 
 
@@ -327,11 +328,6 @@ def _ort_optimise(src: str, dst: str, extended: bool = False) -> None:
     )
     opts.optimized_model_filepath = dst
     ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-FLAVOURS: tuple[str, ...] = (
-    "webnn", "official", "opset17", "dynamo", "simplified", "fp16", "anonymous", "ort", "ort_extended",
-)
 
 
 # the flavour resolve.synthetic_fallback generates: the real file's layout
