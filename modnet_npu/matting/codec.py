@@ -2,7 +2,7 @@
 
 ``inference.py`` writing files (``jobs.save_output``) and a PNG to stdout, and the
 service answering a request, all encode here, so the same matte comes out as the
-same bytes: PNG lossless; JPEG and RGB WebP at quality 95; RGBA WebP lossless (a
+same bytes: PNG lossless (zlib level 1: fast); JPEG and RGB WebP at quality 95; RGBA WebP lossless (a
 cutout's alpha must not be blurred). JPEG has no alpha channel: :func:`encode`
 writes an RGBA array as PNG when JPEG is asked (:func:`output_format` says so first).
 """
@@ -21,6 +21,11 @@ CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 QUALITY = 95
+# zlib level of every PNG written. Pillow's default (6) spent 105 ms on the portrait's 512x512 RGBA
+# cutout, 1 spends 23 ms for a file 11% larger (459 kB instead of 413 kB; an 8-bit matte: 2.7 ms
+# against 3.8 ms, 13.1 kB against 11.2 kB; 2-core EPYC, median of 5): the encoding was a quarter
+# of a request to the service, and a cutout on disk or on the wire is worth that speed.
+PNG_COMPRESS_LEVEL = 1
 
 
 def _has_alpha(array: np.ndarray) -> bool:
@@ -54,6 +59,8 @@ def encode(array: np.ndarray, fmt: str = "png") -> Encoded:
         args = {"quality": QUALITY}
     elif fmt == "webp":
         args = {"lossless": True}
+    else:
+        args = {"compress_level": PNG_COMPRESS_LEVEL}
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=_PIL_FORMATS[fmt], **args)
     return Encoded(buf.getvalue(), fmt)
