@@ -257,6 +257,8 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
                                 "test_the_pipelines_flavour_needs_only_requirements_txt"),
     "test_video.py": ("test_a_real_write_failure_through_the_cli",),
     "test_peers.py": ("test_engines_part_times_and_prices_each_precision",),
+    "test_foreground.py": ("test_estimated_foreground_is_closer_to_the_truth_than_the_raw_image",),  # numba's load
+    "test_engines.py": ("test_compiled_packages_go_to_the_models_dir_asked_for",),
     "test_openvino_engine.py": ("test_batches_and_fixed_batch_graphs",),
     "test_timing.py": ("test_probe_flags_a_busy_process_beside_it",),
     "test_startup.py": ("test_the_torch_path_without_compile_imports_no_dynamo",  # a process loading torch
