@@ -49,7 +49,7 @@ from modnet_npu.cli import Parser, run_command
 from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import write_json
 from modnet_npu.proof.timing import NoiseProbe, rotated, usable_cpus
-from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
+from modnet_npu.runtime.options import EngineOptions, compile_cache_dir, add_engine_arguments, engine_options_from
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE = os.path.join(ROOT, "assets", "portrait_astronaut.jpg")
@@ -506,7 +506,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from modnet_npu.runtime.process_setup import setup_process
 
     # before any torch import here: bounds OpenMP's spin-waiting (a no-op when torch is already loaded)
-    settings = setup_process(threads=args.threads, compile_cache_dir=os.path.join(args.models_dir, ".compile-cache"))
+    settings = setup_process(threads=args.threads, compile_cache_dir=compile_cache_dir(args.models_dir))
     args.threads = settings.threads
     try:
         return _run(args, argv)

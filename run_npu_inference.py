@@ -30,7 +30,7 @@ from modnet_npu.fileio import check_output_folder
 from modnet_npu.matting.imaging import parse_size_spec, postprocess, preprocess
 from modnet_npu.proof.options import ENGINE_DEFAULTS, Options
 from modnet_npu.routes import ROUTE_PRECISIONS, parse_routes
-from modnet_npu.runtime.options import DEVICE_CHOICES, add_engine_arguments, engine_options_from
+from modnet_npu.runtime.options import DEVICE_CHOICES, compile_cache_dir, add_engine_arguments, engine_options_from
 
 # ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
@@ -198,7 +198,7 @@ def _main(args: argparse.Namespace) -> int:
     from modnet_npu.runtime.process_setup import setup_process
 
     e = opts.engine
-    settings = setup_process(threads=e.threads, compile_cache_dir=os.path.join(e.models_dir, ".compile-cache"))
+    settings = setup_process(threads=e.threads, compile_cache_dir=compile_cache_dir(e.models_dir))
     # the effective count (0 = the CPUs free now; clamped)
     opts = replace(opts, engine=replace(e, threads=settings.threads))
     pipeline = sys.modules[__name__].run  # looked up on the module, where a test may have replaced it

@@ -15,7 +15,6 @@ if __name__ == "__main__":  # as a command, not imported: bound OpenMP's spinnin
 
 import argparse
 import logging
-import os
 import socket
 import sys
 from dataclasses import replace
@@ -24,7 +23,7 @@ from typing import Sequence
 from modnet_npu.cli import Parser, report
 from modnet_npu.errors import ModnetError, UsageError
 from modnet_npu.source.resolve import check_local
-from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
+from modnet_npu.runtime.options import EngineOptions, compile_cache_dir, add_engine_arguments, engine_options_from
 
 
 def _number(kind: type, low: float, *, above: bool = False):
@@ -201,7 +200,7 @@ def _start(args: argparse.Namespace, opts: EngineOptions, sock: socket.socket) -
     from modnet_npu.runtime.process_setup import setup_process
 
     # once, before the model is built: threads, allocator, PIL's own pixel limit (ours is checked first)
-    proc = setup_process(threads=opts.threads, compile_cache_dir=os.path.join(opts.models_dir, ".compile-cache"),
+    proc = setup_process(threads=opts.threads, compile_cache_dir=compile_cache_dir(opts.models_dir),
                          max_image_pixels=int(args.max_pixels * 1_000_000), defer_torch=True)
     try:
         settings = _settings(args)

@@ -26,6 +26,7 @@ from modnet_npu.proof.parity import Case, CaseResult, ParitySummary, Thresholds,
 from modnet_npu.proof.parity import with_ground_truth
 from modnet_npu.model.precision import MAE_THRESHOLDS
 from modnet_npu.runtime.process_setup import effective_threads
+from modnet_npu.runtime.options import compile_cache_dir
 # the run's options live torch-free so a command line answers --help before torch loads
 from modnet_npu.proof.options import DEFAULT_OUTPUT, ENGINE_DEFAULTS, Options  # noqa: F401  (re-exported)
 from modnet_npu.proof.report import (
@@ -176,7 +177,7 @@ def step_device(opts: Options, converted: Converted, size: Size, say: _Steps) ->
     operators = _operator_counts(converted.conversion, model, e.model_form, size)
     engine = TorchEngine(model, device, precision=e.precision, strict_fp32=True, compile=e.compile,
                          graphs=e.graphs, threads=e.threads, log=say.detail,
-                         cache_dir=os.path.join(e.models_dir, ".compile-cache"))
+                         cache_dir=compile_cache_dir(e.models_dir))
     say.detail(f"model form {e.model_form} ({operators[e.model_form]['kernels']} kernel launches per "
                f"forward); fast path: {engine.fast_path}")
     return DeviceSetup(device, env, engine, operators)

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from modnet_npu.fileio import atomic_path
+from modnet_npu.runtime.options import compile_cache_dir
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.graphs import FastPathError, Log, _quiet, shape_text
 from modnet_npu.source.resolve import DEFAULT_MODELS_DIR
 
-DEFAULT_COMPILE_CACHE = os.path.join(DEFAULT_MODELS_DIR, ".compile-cache")
+DEFAULT_COMPILE_CACHE = compile_cache_dir(DEFAULT_MODELS_DIR)
 
 
 def weights_digest(model: nn.Module) -> str:

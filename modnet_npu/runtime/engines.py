@@ -24,7 +24,6 @@ engine for the torch backend only.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -34,7 +33,7 @@ import numpy as np
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import devices
 from modnet_npu.runtime.options import (BACKEND_CHOICES, BACKENDS, EngineOptions, check_cpu_only,  # noqa: F401
-                                        check_ort, choose_engine)
+                                        check_ort, choose_engine, compile_cache_dir)
 from modnet_npu.runtime.process_setup import apply_torch_threads, effective_threads
 from modnet_npu.matting.imaging import Size
 from modnet_npu.model.precision import check as check_precision
@@ -226,4 +225,4 @@ def open_engine(backend: str, onnx_path: str, options: EngineOptions = EngineOpt
     model = build_torch_model_from_onnx(onnx_path, optimize=options.model_form == "optimized")
     return TorchEngine(model, target, precision=options.precision, strict_fp32=options.strict_fp32,
                        compile=options.compile, graphs=options.graphs, threads=options.threads, log=log,
-                       cache_dir=os.path.join(options.models_dir, ".compile-cache"))  # --models-dir's, as --help says
+                       cache_dir=compile_cache_dir(options.models_dir))  # --models-dir's, as --help says

@@ -18,6 +18,7 @@ Nothing here imports torch: an entry point parses its options before torch loads
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -132,6 +133,11 @@ def size_text(spec: SizeSpec) -> str:
 def _choice(name: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         raise UsageError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(choices)}")
+
+
+def compile_cache_dir(models_dir: str) -> str:
+    """Where compiled packages (and inductor's scratch files) are kept: ``.compile-cache`` in the models folder."""
+    return os.path.join(models_dir, ".compile-cache")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -65,9 +65,13 @@ class TorchEngine:
         self.settings = replace(activated, in_force=devices.read_back(device))
         self.runner = make_runner(self.model, device, compile=compile, graphs=graphs,
                                   threads=effective_threads(threads), cache_dir=cache_dir, log=log, capture=capture)
-        self.batch_sizes = BATCH_SIZES if self.runner.fixed_shapes else ()
-        self.runner.batch_sizes = self.batch_sizes
+        self.runner.batch_sizes = BATCH_SIZES if self.runner.fixed_shapes else ()
         self.warm_sizes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes a batch is padded up to (the runner's: one place); () when any shape runs as is."""
+        return self.runner.batch_sizes
 
     @property
     def fast_path(self) -> str:
@@ -162,8 +166,7 @@ class TorchEngine:
             for b in batches:
                 self.runner.prepare(torch.zeros((b, 3, h, w), dtype=self.dtype).to(self.device))
         if fixed:
-            self.batch_sizes, self.warm_sizes = batches, tuple(sizes)
-            self.runner.batch_sizes = batches
+            self.runner.batch_sizes, self.warm_sizes = batches, tuple(sizes)
             after = memory_now(self.device)
             memory = None if before[0] is None or after[0] is None else round(after[0] - before[0], 1)
             self.runner.warm_up_memory = (memory, after[1])
