@@ -31,7 +31,7 @@ from modnet_npu.matting import codec, foreground
 from modnet_npu.matting.imaging import ImageReadError, load_image, parse_color
 from modnet_npu.matting.jobs import FORMATS, MAX_STDIN_BYTES, Job, Progress, RunSummary, plan_jobs, run_jobs, still_to_do
 from modnet_npu.matting.matter import MODES, Matter, render
-from modnet_npu.runtime.options import EngineOptions, add_engine_arguments, engine_options_from
+from modnet_npu.runtime.options import EngineOptions, compile_cache_dir, add_engine_arguments, engine_options_from
 from modnet_npu.source.resolve import DownloadError, ModelSourceError, resolve_or_fallback
 
 __all__ = ["Matter", "main"]
@@ -99,8 +99,6 @@ def _check_args(args: argparse.Namespace, modes: list[str]) -> EngineOptions:
 
 def _check_decontaminate(modes: list[str]) -> None:
     """--decontaminate changes colours: it needs a mode that has them, and pymatting (checked, not imported)."""
-    from modnet_npu.matting import foreground
-
     if not any(mode in foreground.COLOUR_MODES for mode in modes):
         raise UsageError("--decontaminate changes the colours of cutout and composite outputs; "
                          "--mode matte has none")
@@ -134,7 +132,7 @@ def _open_matter(args: argparse.Namespace, options: EngineOptions) -> Matter:
     from modnet_npu.runtime.process_setup import setup_process
 
     settings = setup_process(threads=options.threads, defer_torch=True,  # ONNX Runtime needs no torch
-                             compile_cache_dir=os.path.join(options.models_dir, ".compile-cache"))
+                             compile_cache_dir=compile_cache_dir(options.models_dir))
     return Matter(replace(options, threads=settings.threads), log=_info(args))
 
 

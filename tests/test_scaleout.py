@@ -442,6 +442,9 @@ class _FlatMatter:
     def mattes(self, images):
         return [np.full(rgb.shape[:2], 0.5, np.float32) for rgb in images]
 
+    def model_size(self, height, width):
+        return height, width  # every image is of a size it takes
+
 
 class _Reports(scaleout._ImageActor):
     """An inference actor that writes down the options it received, then mattes flat."""

@@ -80,7 +80,7 @@ def decontaminate(mode: str, rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
     The one call an output path needs: ``render(mode, decontaminate(mode, rgb, alpha), alpha, background)``.
     """
-    return estimate_foreground(rgb, alpha) if mode in COLOUR_MODES else rgb
+    return colours_by_mode([mode], rgb, alpha, decontaminate=True)[mode]
 
 
 def colours_by_mode(modes: Iterable[str], rgb: np.ndarray, alpha: np.ndarray, *,

@@ -111,7 +111,7 @@ class IoPool:
         self.close()
 
 
-def _size_problem(matter: Matter, job: Job, rgb: np.ndarray) -> str | None:
+def size_problem(matter: Matter, job: Job, rgb: np.ndarray) -> str | None:
     """The error line for an image whose model input would exceed the size limit (a
     100:1 panorama under ``--size 512``), so it fails alone instead of ending the run."""
     try:
@@ -121,7 +121,8 @@ def _size_problem(matter: Matter, job: Job, rgb: np.ndarray) -> str | None:
     return None
 
 
-def _mattes(matter: Matter, loaded: Sequence[tuple[Job, np.ndarray]]) -> list[tuple[np.ndarray | None, str | None]]:
+def mattes_or_errors(matter: Matter,
+                     loaded: Sequence[tuple[Job, np.ndarray]]) -> list[tuple[np.ndarray | None, str | None]]:
     """(matte, None) or (None, error line) per image: a batch the model fails on (NaN or Inf out,
     out of memory, ONNX Runtime's arena full) is retried image by image, so only the images it
     fails on alone fail."""
@@ -131,7 +132,7 @@ def _mattes(matter: Matter, loaded: Sequence[tuple[Job, np.ndarray]]) -> list[tu
         if len(loaded) == 1:
             why = f"inference ran {_OUT_OF_MEMORY}" if isinstance(exc, MemoryError) else str(exc)
             return [(None, f"{loaded[0][0].source}: {why}")]
-    return [_mattes(matter, [item])[0] for item in loaded]
+    return [mattes_or_errors(matter, [item])[0] for item in loaded]
 
 
 def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
@@ -143,12 +144,12 @@ def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
     results: list[tuple[Job, str | None]] = []
     loaded = []
     for job, rgb, problem in pool.map(load_job, list(jobs)):
-        problem = problem or _size_problem(matter, job, rgb)
+        problem = problem or size_problem(matter, job, rgb)
         if problem:
             results.append((job, problem))
         else:
             loaded.append((job, rgb))
-    matted = _mattes(matter, loaded) if loaded else []
+    matted = mattes_or_errors(matter, loaded) if loaded else []
     to_save = [(job, rgb, alpha, background) for (job, rgb), (alpha, _) in zip(loaded, matted, strict=True)
                if alpha is not None]
     results += [(job, problem) for (job, _), (alpha, problem) in zip(loaded, matted, strict=True) if alpha is None]
@@ -157,26 +158,13 @@ def process_image_batch(matter: Matter, jobs: Sequence[Job], background: str,
     return results
 
 
-def _pixels(job: Job) -> int:
-    """The image's pixel count from its header (no decoding); 0 when unreadable (loading reports why)."""
-    from PIL import Image
-
-    if not is_regular_file(job.source):
-        return 0
-    try:
-        with Image.open(job.source) as img:
-            return img.width * img.height
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return 0
-
-
 def _groups(images: Sequence[Job], batch: int, pool: IoPool) -> list[list[Job]]:
     """Runs of at most ``batch`` images holding at most PIXELS_IN_FLIGHT decoded pixels (one image at least)."""
     if batch == 1:
         return [[job] for job in images]
     groups: list[list[Job]] = []
     pixels = 0
-    for job, n in zip(images, pool.map(_pixels, list(images)), strict=True):
+    for job, n in zip(images, pool.map(warmup.pixel_count, [job.source for job in images]), strict=True):
         if not groups or len(groups[-1]) >= batch or pixels + n > PIXELS_IN_FLIGHT:
             groups.append([])
             pixels = 0

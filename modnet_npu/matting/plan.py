@@ -35,10 +35,10 @@ from typing import Iterator, NamedTuple, Sequence
 
 from modnet_npu.fileio import NAME_MAX, is_temp_name
 from modnet_npu.matting.matter import MODES
+from modnet_npu.matting.codec import FORMATS  # noqa: F401  (re-exported: callers know the formats by the plan)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
-FORMATS = ("png", "jpg", "webp")
 # what this tool names its outputs: photo_matte.png, clip_cutout.mov ...
 OWN_OUTPUT = re.compile(rf"_({'|'.join(MODES)})\.(png|jpg|webp|mp4|mov)$", re.IGNORECASE)
 

@@ -37,7 +37,7 @@ from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import temp_affixes
 from modnet_npu.matting import warmup
 from modnet_npu.matting.jobs import IoPool, Job, Progress, RunSummary, load_job, save_job
-from modnet_npu.runtime.options import EngineOptions, choose_engine
+from modnet_npu.runtime.options import EngineOptions, choose_engine, compile_cache_dir
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 RESOURCE = {"npu": "NPU", "cuda": "GPU"}  # Ray's names for the accelerators
@@ -323,7 +323,7 @@ class _Actor:
         from modnet_npu.runtime.process_setup import setup_process
 
         settings = setup_process(threads=options.threads, defer_torch=True,  # ONNX Runtime needs no torch
-                                 compile_cache_dir=os.path.join(options.models_dir, ".compile-cache"))
+                                 compile_cache_dir=compile_cache_dir(options.models_dir))
         self.options = options  # as received: every field, whole (tests compare them with the driver's)
         # the driver checked the model file (engines.check_model) before submitting: no repeat here
         self.matter = Matter(replace(options, threads=settings.threads), validate=False)
@@ -342,18 +342,20 @@ class _Actor:
 class _ImageActor(_Actor):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Mattes for a batch of decoded images; ``Matter.mattes`` infers those of one model size together."""
+        from modnet_npu.matting.jobs import mattes_or_errors, size_problem
+
         errors = [str(e) for e in batch["error"]]
         alphas: list[np.ndarray] = [_EMPTY_ALPHA] * len(errors)
-        ok = [i for i, e in enumerate(errors) if not e]
-        try:
-            for i, alpha in zip(ok, self.matter.mattes([batch["rgb"][i] for i in ok]), strict=True):
-                alphas[i] = alpha
-        except (ModnetError, ValueError):  # one image the model cannot take: find it, keep the others
-            for i in ok:
-                try:
-                    alphas[i] = self.matter.mattes([batch["rgb"][i]])[0]
-                except (ModnetError, ValueError) as exc:
-                    errors[i] = f"{batch['source'][i]}: {exc}"
+        loaded = []  # (row, job, rgb) of the images decoded and of a size the model takes
+        for i in (i for i, e in enumerate(errors) if not e):
+            job, rgb = Job(str(batch["source"][i]), "image"), batch["rgb"][i]
+            errors[i] = size_problem(self.matter, job, rgb) or ""
+            if not errors[i]:
+                loaded.append((i, job, rgb))
+        # the local path's rule: a batch the model fails on is retried image by image (jobs.mattes_or_errors)
+        matted = mattes_or_errors(self.matter, [(job, rgb) for _, job, rgb in loaded]) if loaded else []
+        for (i, _, _), (alpha, problem) in zip(loaded, matted, strict=True):
+            alphas[i], errors[i] = (_EMPTY_ALPHA, problem) if alpha is None else (alpha, "")
         return {**batch, "alpha": _objects(alphas), "error": np.array(errors, dtype=object),
                 "note": self._notes(len(errors))}
 
@@ -362,7 +364,7 @@ class _VideoActor(_Actor):
     def __init__(self, options: EngineOptions, *, background: str, batch: int, temporal: bool,
                  warm: warmup.ShapePlan | None = None, decontaminate: bool = False) -> None:
         super().__init__(options, warm=warm)
-        self.options = (background, batch, temporal)
+        self.video_args = (background, batch, temporal)  # self.options stays the EngineOptions, whole
         self.decontaminate = decontaminate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -375,7 +377,7 @@ class _VideoActor(_Actor):
         for row in rows:
             job = Job(str(row["path"]), "video", json.loads(str(row["outputs"])))
             try:
-                frames.append(process_video(self.matter, job, *self.options, decontaminate=self.decontaminate))
+                frames.append(process_video(self.matter, job, *self.video_args, decontaminate=self.decontaminate))
                 errors.append("")
             except (ImageReadError, ValueError, OSError) as exc:
                 frames.append(0)

@@ -41,19 +41,33 @@ class ShapePlan:
         return f"batches of up to {self.max_batch} at {sizes}"
 
 
-def image_dimensions(path: str) -> tuple[int, int] | None:
-    """(height, width) of the image as ``load_image`` will give it, from its header; None when unreadable
-    (loading reports why). An EXIF orientation that turns the picture swaps them."""
+def _header(path: str) -> tuple[int, int, bool] | None:
+    """(width, height, turned by its EXIF orientation) from the image's header; None when unreadable."""
     from PIL import Image
 
     if not is_regular_file(path):
         return None
     try:
         with Image.open(path) as img:
-            turned = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
-            return (img.width, img.height) if turned else (img.height, img.width)
+            return img.width, img.height, img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+def image_dimensions(path: str) -> tuple[int, int] | None:
+    """(height, width) of the image as ``load_image`` will give it, from its header; None when unreadable
+    (loading reports why). An EXIF orientation that turns the picture swaps them."""
+    header = _header(path)
+    if header is None:
+        return None
+    width, height, turned = header
+    return (width, height) if turned else (height, width)
+
+
+def pixel_count(path: str) -> int:
+    """The image's pixel count from its header (no decoding); 0 when unreadable (loading reports why)."""
+    header = _header(path)
+    return 0 if header is None else header[0] * header[1]
 
 
 def video_dimensions(path: str) -> tuple[tuple[int, int], int] | None:
