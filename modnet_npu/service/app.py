@@ -212,22 +212,7 @@ def _public_reason(exc: BaseException) -> str:
     return _SOURCE_PATH.sub("…", first_line(exc))  # then cut to a line's length, as every message
 
 
-async def _fetched(request: Request, service: Service, url: str, url_status: Callable[[UrlFetchError], int]) -> bytes:
-    """The image at ``url``; a failure answered with the route's status for it (``url_status``)."""
-    try:
-        return await _unless_client_goes(request, service.fetch(url))
-    except ApiError as exc:
-        cause = exc.__cause__  # the fetch's own error, kept by Service.fetch
-        if isinstance(cause, UrlFetchError) and url_status(cause) != exc.status:
-            raise ApiError(url_status(cause), exc.message, exc.headers) from None
-        raise
-
-
-def _own_status(exc: UrlFetchError) -> int:
-    return exc.status
-
-
-async def _matte(request: Request, asks: Asks, url_status: Callable[[UrlFetchError], int] = _own_status) -> Response:
+async def _matte(request: Request, asks: Asks, url_status: Callable[[UrlFetchError], int] | None = None) -> Response:
     service: Service = request.app.state.service
     matter = service.require_ready()
     started = time.perf_counter()
@@ -241,7 +226,7 @@ async def _matte(request: Request, asks: Asks, url_status: Callable[[UrlFetchErr
     if url is None and inp.image is None:
         raise ApiError(422, "no image: send it as multipart field 'file', as the request body, or as 'url'")
     if url is not None:  # the fetched image is this request's body: fetched before admission, as a body is read
-        inp.image = await _fetched(request, service, url, url_status)
+        inp.image = await _unless_client_goes(request, service.fetch(url, url_status))
     slot = service.admission.enter()
     try:
         payload, ctype, result = await _unless_client_goes(request, _produce(service, matter, inp, params, slot))

@@ -216,8 +216,9 @@ class Service:
     async def on_io(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
-    async def fetch(self, url: str) -> bytes:
-        """The image at ``url``; cancelling the awaiting task closes the fetch's connection at once."""
+    async def fetch(self, url: str, status: Callable[[url_fetch.UrlFetchError], int] | None = None) -> bytes:
+        """The image at ``url``; cancelling the awaiting task closes the fetch's connection at once. A failure
+        is an ApiError with the fetch's own status, or ``status(error)`` (a route's: rembg's answers 400)."""
         s = self.settings
 
         def call(control: url_fetch.FetchControl) -> url_fetch.Fetched:
@@ -227,7 +228,7 @@ class Service:
         try:
             fetched = await self.fetches.run(call, s.fetch_timeout_s)
         except url_fetch.UrlFetchError as exc:
-            raise ApiError(exc.status, str(exc)) from exc  # kept: a route may answer it with its own status
+            raise ApiError(exc.status if status is None else status(exc), str(exc)) from None
         return fetched.data
 
     def model_size(self, matter: Matter, spec: SizeSpec | None, height: int, width: int) -> Size:
