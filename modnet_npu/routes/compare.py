@@ -154,8 +154,8 @@ class OpenRoutes:
         from modnet_npu.proof.timing import NoiseProbe, interleaved
 
         native = self.plan.precision == "native"
-        bounds = Thresholds(MAE_THRESHOLDS["fp16"] if native else mae_threshold or MAE_THRESHOLDS["fp32"],
-                            max_threshold)
+        asked = MAE_THRESHOLDS["fp32"] if mae_threshold is None else mae_threshold  # 0 is a bound, as in the pipeline
+        bounds = Thresholds(MAE_THRESHOLDS["fp16"] if native else asked, max_threshold)
         parity = {r.name: route_parity(r, results, torch_bounds if r.name == "torch" else bounds)
                   for r in self.routes}
         for name, p in parity.items():
