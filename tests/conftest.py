@@ -185,6 +185,33 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
         thread.join(10)
 
 
+@contextlib.contextmanager
+def running(app, *, start_s: float = 30.0):
+    """``app`` on a uvicorn thread on a free loopback port (its URL), started within ``start_s``; always
+    stopped, its socket closed."""
+    import socket
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_s
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive()
+
+
 # --------------------------------------------------------------------------
 # markers
 # --------------------------------------------------------------------------
@@ -342,11 +369,11 @@ LONGEST_FIRST = ("test_scaleout.py", "test_real_model.py", "test_acceleration.py
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    rehearsal = os.environ.get("MODNET_ACCEPTANCE_REHEARSAL") == "1"  # test_device_acceptance.py's CPU run
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
     for item in items:
         for name in sorted(_markers_for(item)):
             item.add_marker(name)
-        rehearsal = os.environ.get("MODNET_ACCEPTANCE_REHEARSAL") == "1"  # test_device_acceptance.py's CPU run
         if item.get_closest_marker("device") is not None and accelerator() is None and not rehearsal:
             item.add_marker(pytest.mark.skip(reason="needs an accelerator (CUDA, Ascend NPU or MPS): none here"))
         if not any(item.get_closest_marker(name) for name in NOT_FAST):

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import PORTRAIT, ROOT
+from conftest import PORTRAIT, ROOT, running
 from modnet_npu.errors import ModnetError
 from modnet_npu.runtime import acceleration as fp
 from modnet_npu.runtime import devices
@@ -344,30 +344,6 @@ def test_the_second_device_is_used_when_asked(device, figures, forms):
 # --------------------------------------------------------------------------
 
 
-def _serve(app):
-    """``app`` on a uvicorn thread on a free loopback port: (url, stop)."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(60)
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
-
-
 def _burst(url: str, image: bytes, clients: int) -> list[tuple[int, float]]:
     import httpx
 
@@ -392,8 +368,7 @@ def test_the_service_answers_bursts_without_capturing_inside_a_request(device, f
                     models_dir=str(tmp_path))
     buf = io.BytesIO()
     Image.open(PORTRAIT).convert("RGB").resize((512, 512)).save(buf, format="PNG")  # square: a prepared size
-    url, stop = _serve(create_app(ServiceSettings(max_batch=8), lambda: matter))
-    try:
+    with running(create_app(ServiceSettings(max_batch=8), lambda: matter), start_s=60) as url:
         deadline = time.monotonic() + 600
         while httpx.get(url + "/healthz", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, "the service was not ready in 10 minutes"
@@ -401,8 +376,6 @@ def test_the_service_answers_bursts_without_capturing_inside_a_request(device, f
         ready = matter.engine.fast_path_stats()
         bursts = {n: _burst(url, buf.getvalue(), n) for n in (1, 2, 4, 8, 3, 5)}
         after = matter.engine.fast_path_stats()
-    finally:
-        stop()
     figures["service_bursts"] = {
         "engine": matter.engine.description, "warm_up_s": ready.warm_up_s, "warm_up_memory_mb": ready.warm_up_memory_mb,
         "max_latency_s": {n: max(t for _, t in b) for n, b in bursts.items()},

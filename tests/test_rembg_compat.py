@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import base64
 import http.server
+import functools
 import io
 import ipaddress
 import os
 import sys
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import loopback_http
+from conftest import PORTRAIT, ROOT, loopback_http
 from modnet_npu.bench import peers_rembg as pr
 from modnet_npu.service import rembg_compat
 
-ROOT = Path(__file__).resolve().parents[1]
 U = {"model": "u2netp"}  # rembg's default model (bria-rmbg) would be downloaded: name the one that is here
 IMG = "{origin}/img.jpg"
 
@@ -184,8 +183,9 @@ KNOWN_DIFFERENCES = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # bytes: the same few images for every case, and every GET of the origin
 def _image(mode: str, fmt: str) -> bytes:
-    img = Image.open(ROOT / "assets" / "portrait_astronaut.jpg").resize((96, 96))
+    img = Image.open(PORTRAIT).resize((96, 96))
     buf = io.BytesIO()
     img.convert(mode).save(buf, fmt)
     return buf.getvalue()

@@ -13,7 +13,6 @@ CPU engine at small sizes; no traffic leaves 127.0.0.1.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.server
 import io
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PORTRAIT, loopback_http, seed_synthetic_cache
+from conftest import PORTRAIT, loopback_http, running, seed_synthetic_cache
 from modnet_npu.service.child import ServerProcess
 
 REQUEST_TIMEOUT = 120.0  # per request; generous for a busy 2-core machine, but bounded
@@ -430,29 +429,6 @@ def synthetic_matter(flavour_files, tmp_path_factory):
     seed_synthetic_cache(models, flavour_files)
     return Matter(model=DEFAULT_MODEL_ID, backend="torch", device="cpu", size=64, threads=1, models_dir=str(models),
                   offline=True, allow_synthetic=True)
-
-
-@contextlib.contextmanager
-def running(app):
-    """``app`` on a uvicorn thread on a free loopback port; always stopped."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive()
 
 
 def _wait_for(predicate, timeout: float = 60.0) -> None:
