@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import platform
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,18 +119,36 @@ class TwoConvs(torch.nn.Module):
         return torch.sigmoid(self.b(torch.relu(self.a(x))))
 
 
-def test_compiled_package_is_cached_and_reused(tmp_path):
+@pytest.fixture(scope="module")
+def recompiled(tmp_path_factory):
+    """TwoConvs compiled once for the module (AOTInductor's fixed cost is seconds even for two layers), into a
+    cache where a cut-short package already sits at its name: found, refused in one line, compiled again."""
     torch.manual_seed(0)
-    net = TwoConvs().eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        ref = net(x)
-    first = fp.compile_model(net, torch.device("cpu"), str(tmp_path))
+    net, x, logged = TwoConvs().eval(), torch.randn(1, 3, 32, 32), []
+    cache = tmp_path_factory.mktemp("compiled")
+    compiled = fp.compile_model(net, torch.device("cpu"), str(cache), log=logged.append)
+    with open(compiled.package_path(x), "wb") as fh:
+        fh.write(b"PK\x03\x04 not a package")
     with torch.inference_mode():
-        out = first(x)
-    assert first.compiled_now == 1 and float((out - ref).abs().max()) <= 1e-5
-    packages = list(tmp_path.glob(f"modnet-*-cpu-1x3x32x32-float32-*-{fp.architecture(torch.device('cpu'))}.pt2"))
+        out = compiled(x)
+    return types.SimpleNamespace(net=net, x=x, cache=cache, compiled=compiled, out=out, logged=logged)
+
+
+def test_a_package_that_cannot_be_loaded_is_compiled_again_said_in_one_line(recompiled):
+    """A cut-short or foreign package in the cache is not fatal: one line, then a fresh compilation."""
+    compiled = recompiled.compiled
+    with torch.no_grad():
+        assert float((recompiled.out - recompiled.net(recompiled.x)).abs().max()) <= 1e-5
+    stale = [m for m in recompiled.logged if m.startswith("compile cache:")]
+    assert len(stale) == 1 and "\n" not in stale[0] and "compiling 1x3x32x32 float32 again" in stale[0]
+    assert (compiled.stale, compiled.compiled_now, compiled.from_cache) == (1, 1, 0)
+
+
+def test_compiled_package_is_cached_and_reused(recompiled, tmp_path):
+    net, x, out = recompiled.net, recompiled.x, recompiled.out
+    packages = list(recompiled.cache.glob(f"modnet-*-cpu-1x3x32x32-float32-*-{fp.architecture(torch.device('cpu'))}.pt2"))
     assert len(packages) == 1
+    shutil.copy(packages[0], tmp_path / packages[0].name)
     # a new process would find the package: no second compilation
     logged = []
     second = fp.compile_model(net, torch.device("cpu"), str(tmp_path), log=logged.append)
@@ -145,25 +165,39 @@ def test_compiled_package_is_cached_and_reused(tmp_path):
     assert second.compiled_now == 0 and len(list(tmp_path.glob("*.pt2"))) == 1
     assert [m for m in logged if "outside the compiled shape set" in m] == [
         "input 2x3x32x32 float32 is outside the compiled shape set: it runs eagerly"]
-    # other weights, other package
+    # other weights, other package; the same weights in other code, other package
     other = copy.deepcopy(net)
     with torch.no_grad():
         other.b.bias.add_(1.0)
-    assert fp.weights_digest(other) != fp.weights_digest(net)
+    assert fp.model_digest(other) != fp.model_digest(net)
+    picky = Picky().eval()
+    picky.load_state_dict(net.state_dict())
+    assert fp.model_digest(picky) != fp.model_digest(net)
 
 
-def test_modnet_compiled_through_the_runner_matches_eager(seeded_model, tmp_path):
-    """The one full MODNet compile of the suite (tens of seconds on two cores)."""
+def test_the_model_digest_takes_every_buffer(seeded_model):
+    """The faithful form's BatchNorm counters are 0-d integer tensors (``--model-form faithful --compile``)."""
+    assert len(fp.model_digest(seeded_model)) == 16
+    assert fp.model_digest(seeded_model) != fp.model_digest(optimize(copy.deepcopy(seeded_model)))
+
+
+def test_modnet_compiled_through_the_runner_matches_eager(seeded_model, request):
+    """The one full MODNet compile of the suite (30 s of CPU on two cores), into pytest's cache: a package is
+    reused only for the same weights, model code, compiler settings, torch and CPU (its name says so,
+    ``model_digest``), so a warm cache loads what this very code compiled; a change to any of them compiles."""
     fast = optimize(copy.deepcopy(seeded_model))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = fast(x)
-    runner = fp.make_runner(fast, torch.device("cpu"), compile=True, threads=2, cache_dir=str(tmp_path))
+    cache = Path(request.config.cache.mkdir("modnet-compiled"))
+    runner = fp.make_runner(fast, torch.device("cpu"), compile=True, threads=2, cache_dir=str(cache))
     out = runner(x)
     assert runner.describe == "compiled"  # no batch-parallel or graphs on top of a compiled model
     assert float((out - ref).abs().max()) <= 1e-4
     stats = runner.stats()
-    assert (stats.compiled_now, stats.compiled_from_cache, stats.captures) == (1, 0, 0)
+    assert (stats.compiled_now + stats.compiled_from_cache, stats.compiled_stale, stats.captures) == (1, 0, 0)
+    for old in set(cache.glob("*.pt2")) - {Path(runner.compiled.package_path(x))}:
+        old.unlink(missing_ok=True)  # earlier code's packages: never loaded again
 
 
 def test_compile_without_a_cxx_compiler_is_one_clear_line(tmp_path):
@@ -191,22 +225,6 @@ def test_a_failed_compilation_is_one_line(monkeypatch, tmp_path):
     assert str(err.value) == ("--compile: compiling for input (1, 3, 32, 32) failed (RuntimeError: C++ compile "
                               "error); run without --compile")
     assert list(tmp_path.iterdir()) == []  # no half-written package left to be loaded next time
-
-
-def test_a_package_that_cannot_be_loaded_is_compiled_again_said_in_one_line(tmp_path):
-    """A cut-short or foreign package in the cache is not fatal: one line, then a fresh compilation."""
-    net, logged = TwoConvs().eval(), []
-    compiled = fp.compile_model(net, torch.device("cpu"), str(tmp_path), log=logged.append)
-    x = torch.randn(1, 3, 32, 32)
-    path = compiled.package_path(x)
-    with open(path, "wb") as fh:
-        fh.write(b"PK\x03\x04 not a package")
-    with torch.inference_mode():
-        out = compiled(x)
-        assert torch.allclose(out, net(x), atol=1e-5)
-    stale = [m for m in logged if m.startswith("compile cache:")]
-    assert len(stale) == 1 and "\n" not in stale[0] and "compiling 1x3x32x32 float32 again" in stale[0]
-    assert (compiled.stale, compiled.compiled_now, compiled.from_cache) == (1, 1, 0)
 
 
 def test_the_compile_cache_key_names_the_device_architecture(monkeypatch, tmp_path):

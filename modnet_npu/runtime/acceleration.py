@@ -33,7 +33,7 @@ from modnet_npu.runtime.compiled import (  # noqa: F401  (re-exported: the fast 
     cpp_compiler,
     cuda_toolkit,
     torchair_backend,
-    weights_digest,
+    model_digest,
 )
 from modnet_npu.runtime.graphs import (  # noqa: F401  (re-exported)
     GRAPH_PIECE,

@@ -5,14 +5,16 @@ at warm-up; until it is sealed, a shape seen for the first time is prepared
 then (a one-off command). After :meth:`seal` a shape outside the prepared set
 runs eagerly, logged once, and is never compiled inside a request.
 
-Packages are keyed by the weights, the device's architecture (a CUDA GPU's
+Packages are keyed by the weights and the model's code, the device's architecture (a CUDA GPU's
 compute capability and name, an NPU's SoC, a CPU's instruction set), the shape,
 the dtype and the torch version. A package that cannot be loaded or run (cut
 short, foreign, from another torch) is compiled again, said in one line.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -31,14 +33,42 @@ from modnet_npu.source.resolve import DEFAULT_MODELS_DIR
 DEFAULT_COMPILE_CACHE = compile_cache_dir(DEFAULT_MODELS_DIR)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A short hash of a model's tensors and their names: the cache key of its compiled forms."""
+def model_digest(model: nn.Module) -> str:
+    """A short hash of what a compiled form computes: the model's tensors and their names, and the source
+    files of its module classes and of this module (the compilation's settings).
+
+    The code is part of the key because the same weights in a changed forward (an upgrade of this
+    project, an edited model) are another program: a package compiled from the old code would still
+    load and silently compute the old function."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d: flat first
+    classes = {type(m) for m in model.modules()}
+    for name in sorted(f"{c.__module__}.{c.__qualname__}" for c in classes):
+        h.update(name.encode())
+    for digest in sorted({_file_digest(_source_file(c)) for c in classes} | {_file_digest(__file__)}):
+        h.update(digest)  # the files' contents, not their paths: a cache moved with its models stays valid
     return h.hexdigest()[:16]
+
+
+def _source_file(cls: type) -> str:
+    try:
+        return inspect.getfile(cls)
+    except (TypeError, OSError):  # a class without a file (built in, made at run time): its name says it
+        return ""
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str) -> bytes:
+    if not path:
+        return b""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).digest()
+    except OSError:
+        return b""
 
 
 def cpp_compiler() -> str | None:
@@ -92,7 +122,7 @@ class AotCompiled:
     """``model`` compiled ahead of time by AOTInductor, one package per input shape.
 
     Packages (``.pt2``) are written to ``cache_dir`` under a name made of the
-    weights' hash, the device, the shape, the dtype, the torch version and the
+    model's hash (weights and code: :func:`model_digest`), the device, the shape, the dtype, the torch version and the
     device's architecture, so a later run on the same kind of device loads the
     compiled kernels in a second or two instead of compiling again (a minute or
     more on two CPU cores), and a cache copied to another GPU is not loaded there.
@@ -102,7 +132,7 @@ class AotCompiled:
 
     def __init__(self, model: nn.Module, device: Any, cache_dir: str, log: Log = _quiet) -> None:
         self.model, self.device, self.cache_dir, self.log = model, device, cache_dir, log
-        self.digest = weights_digest(model)
+        self.digest = model_digest(model)
         self.arch = architecture(device)
         self.loaded: dict[tuple, Callable] = {}
         self.compiled_now = 0
