@@ -34,12 +34,12 @@ def photos(tmp_path_factory):
 
 
 def _corrupt_landscape(monkeypatch):
-    """The PyTorch engine goes wrong on the landscape's input shape only (256 high, 512 wide)."""
+    """The PyTorch engine goes wrong on the landscape's input shape only (128 high, 256 wide)."""
     real = torch_engine.TorchEngine.infer
 
     def infer(self, x):
         out = real(self, x)
-        return out + 0.2 if x.shape[2:] == (256, 512) else out
+        return out + 0.2 if x.shape[2:] == (128, 256) else out
 
     monkeypatch.setattr(torch_engine.TorchEngine, "infer", infer)
 
@@ -55,21 +55,21 @@ def test_many_images_sizes_and_ground_truth_with_one_failing(photos, flavour_fil
     images, alphas = photos
     _corrupt_landscape(monkeypatch)
     out = tmp_path / "o"
-    code, text, err = _main(["--model", flavour_files["official"], "--images", str(images), "--sizes", "256,320",
+    code, text, err = _main(["--model", flavour_files["official"], "--images", str(images), "--sizes", "128,192",
                              "--alphas", str(alphas), "--output-dir", str(out), *FAST])
     assert code == 3 and "parity FAILED" in err
     report = json.loads((out / "evaluation_report.json").read_text())
     acc = report["accuracy"]
     per = acc["per_image"]
     # 3 images x 2 sizes; the tiny one's two short sides round to distinct sizes too
-    assert len(per) == 6 and {tuple(e["size"]) for e in per if "tiny" in e["path"]} == {(256, 384), (320, 480)}
+    assert len(per) == 6 and {tuple(e["size"]) for e in per if "tiny" in e["path"]} == {(128, 192), (192, 288)}
     failing = [e for e in per if not e["passed"]]
-    assert [e["path"].rsplit("/", 1)[1] for e in failing] == ["landscape.jpg"]  # only 256x512 was corrupted
+    assert [e["path"].rsplit("/", 1)[1] for e in failing] == ["landscape.jpg"]  # only 128x256 was corrupted
     agg = acc["aggregate"]
     assert agg["cases_passing"] == 5 and agg["worst_image"].endswith("landscape.jpg") and agg["images"] == 3
     assert acc["passed"] is False and acc["max_error"] == pytest.approx(agg["worst_max_error"])
-    assert [f.rsplit("/", 1)[1] for f in agg["failing"]] == ["landscape.jpg @ 256x512"]
-    assert "landscape.jpg @ 256x512" in err  # the failing image is named on the error line
+    assert [f.rsplit("/", 1)[1] for f in agg["failing"]] == ["landscape.jpg @ 128x256"]
+    assert "landscape.jpg @ 128x256" in err  # the failing image is named on the error line
     gt = per[0]["ground_truth"]
     assert set(gt["ort"]) == {"mse", "mad", "sad", "grad", "conn"} and gt["ort"]["mad"] > 0
     # parity failed, so the layer-by-layer comparison ran once, on the worst case
@@ -77,7 +77,7 @@ def test_many_images_sizes_and_ground_truth_with_one_failing(photos, flavour_fil
     # the fault was injected after the model, so no layer diverges: the model itself is faithful
     assert lw["layers_compared"] > 69 and lw["first_divergence"] is None
     rows = json.loads((out / "layerwise.json").read_text())["rows"]
-    assert rows[-1]["shape"][2:] == [256, 512]
+    assert rows[-1]["shape"][2:] == [128, 256]
     assert {"layerwise.json", "layerwise.png", "comparison.png"} <= set(report["outputs"])
     assert "layer by layer" in text and report["input"]["path"].endswith("landscape.jpg")
 
@@ -103,9 +103,10 @@ def test_ground_truth_problems_are_one_line(problem, photos, flavour_files, tmp_
             continue
         img = Image.open(p)
         (img.resize((17, 19)) if problem == "mis-sized" and p.stem == "tiny" else img).save(bad / p.name)
-    code, _, err = _main(["--model", flavour_files["official"], "--images", str(images), "--alphas", str(bad),
-                          "--output-dir", str(tmp_path / "o"), *FAST])
+    code, text, err = _main(["--model", flavour_files["official"], "--images", str(images), "--alphas", str(bad),
+                             "--output-dir", str(tmp_path / "o"), *FAST])
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "tiny" in err
+    assert "Parity" not in text  # found while the inputs are read, before any inference
     assert not (tmp_path / "o" / "evaluation_report.json").exists()
 
 

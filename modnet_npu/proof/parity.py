@@ -97,16 +97,31 @@ def run_case(case: Case, ort: Engine, torch_engine: Engine, bounds: Thresholds) 
     return CaseResult(case, model_rgb, x, ort_out, dev_out, floats, png, passed)
 
 
-def with_ground_truth(result: CaseResult, alpha_path: str) -> CaseResult:
-    """``result`` with the matting metrics of both mattes (at the photo's size) against the ground truth."""
-    from modnet_npu.proof.metrics import MattingMetricsError, load_alpha, score
+def ground_truths(cases: Sequence[Case], alphas_dir: str | None) -> dict[str, tuple[str, np.ndarray]]:
+    """Each photo's ground-truth alpha (its path and its values), read and checked against the photo's size
+    before any inference: a missing, ambiguous or mis-sized file is a MattingMetricsError (one line) then,
+    not after the whole parity run. Empty without ``alphas_dir``."""
+    if alphas_dir is None:
+        return {}
+    from modnet_npu.proof.metrics import MattingMetricsError, load_alpha, match_alphas
 
-    gt = load_alpha(alpha_path)
-    h, w = result.case.rgb.shape[:2]
-    if gt.shape != (h, w):
-        raise MattingMetricsError(f"{alpha_path}: ground truth is {gt.shape[0]}x{gt.shape[1]}, "
-                                  f"but {os.path.basename(result.case.path)} is {h}x{w}")
-    scores = {name: asdict(score(matte_to_size(m, (h, w)).astype(np.float64), gt))
+    photos = {c.path: c.rgb.shape[:2] for c in cases}
+    found: dict[str, tuple[str, np.ndarray]] = {}
+    for path, alpha_path in match_alphas(sorted(photos), alphas_dir).items():
+        gt, (h, w) = load_alpha(alpha_path), photos[path]
+        if gt.shape != (h, w):
+            raise MattingMetricsError(f"{alpha_path}: ground truth is {gt.shape[0]}x{gt.shape[1]}, "
+                                      f"but {os.path.basename(path)} is {h}x{w}")
+        found[path] = (str(alpha_path), gt)
+    return found
+
+
+def with_ground_truth(result: CaseResult, alpha_path: str, gt: np.ndarray) -> CaseResult:
+    """``result`` with the matting metrics of both mattes (at the photo's size) against the ground truth."""
+    from modnet_npu.proof.metrics import score
+
+    size = gt.shape
+    scores = {name: asdict(score(matte_to_size(m, size).astype(np.float64), gt))
               for name, m in (("ort", result.ort_matte), ("torch", result.torch_matte))}
     return CaseResult(**{**result.__dict__, "ground_truth": {"alpha": alpha_path, **scores}})
 

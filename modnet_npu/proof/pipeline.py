@@ -23,7 +23,7 @@ from modnet_npu.matting.imaging import Size, parse_size_spec, to_uint8
 from modnet_npu.source.resolve import ModelSource, resolve_or_fallback
 from modnet_npu.graph.analysis import ArchReport, count_ops
 from modnet_npu.proof.parity import Case, CaseResult, ParitySummary, Thresholds, list_images, plan_cases, run_case, summarize
-from modnet_npu.proof.parity import with_ground_truth
+from modnet_npu.proof.parity import ground_truths, with_ground_truth
 from modnet_npu.model.precision import MAE_THRESHOLDS
 from modnet_npu.runtime.process_setup import effective_threads
 from modnet_npu.runtime.options import compile_cache_dir
@@ -113,6 +113,7 @@ class Analysis:
     cases: tuple[Case, ...]  # every image at every size the parity run covers
     size: Size  # the first case's size: the benchmark's input
     static: bool
+    ground_truth: dict[str, tuple[str, np.ndarray]]  # photo path -> (alpha path, alpha); empty without --alphas
 
 
 def _cases(opts: Options, facts: GraphFacts, say: _Steps) -> list[Case]:
@@ -133,6 +134,7 @@ def step_analyse(opts: Options, converted: Converted, say: _Steps) -> Analysis:
     say.start("Analyse the graph and the inputs")
     facts = converted.facts
     cases = _cases(opts, facts, say)
+    truths = ground_truths(cases, opts.alphas)  # a bad ground truth stops the run here, before any inference
     size = cases[0].size
     static = facts.inputs[0].is_static
     arch = modnet_arch.analyse(converted.weights, *size, conversion=converted.conversion, facts=facts)
@@ -142,7 +144,7 @@ def step_analyse(opts: Options, converted: Converted, say: _Steps) -> Analysis:
                f"{arch.num_convolutions} convolutions, {arch.macs / 1e9:.2f} GMAC at {size[0]}x{size[1]}")
     if len(cases) > 1:
         say.detail(f"parity on {len({c.path for c in cases})} image(s), {len(cases)} image-size case(s)")
-    return Analysis(arch, tuple(cases), size, static)
+    return Analysis(arch, tuple(cases), size, static, truths)
 
 
 @dataclass(frozen=True)
@@ -195,13 +197,8 @@ class Parity:
         return self.summary.results[0].x
 
 
-def _ground_truth(results: list[CaseResult], alphas: str | None) -> list[CaseResult]:
-    if alphas is None:
-        return results
-    from modnet_npu.proof.metrics import match_alphas
-
-    matched = match_alphas(sorted({r.case.path for r in results}), alphas)
-    return [with_ground_truth(r, str(matched[r.case.path])) for r in results]
+def _ground_truth(results: list[CaseResult], truths: dict[str, tuple[str, np.ndarray]]) -> list[CaseResult]:
+    return [with_ground_truth(r, *truths[r.case.path]) if truths else r for r in results]
 
 
 def _layerwise(opts: Options, src: ModelSource, conversion: Conversion, dev: DeviceSetup, worst: CaseResult,
@@ -248,7 +245,7 @@ def step_parity(opts: Options, src: ModelSource, conversion: Conversion, analysi
     subject = os.path.basename(first.path) if len(analysis.cases) == 1 else f"{len(analysis.cases)} cases"
     say.start(f"Parity: ONNX Runtime CPU vs PyTorch {dev.device.type} on {subject}")
     bounds = _bounds(opts)
-    results = _ground_truth([run_case(c, ort, dev.engine, bounds) for c in analysis.cases], opts.alphas)
+    results = _ground_truth([run_case(c, ort, dev.engine, bounds) for c in analysis.cases], analysis.ground_truth)
     summary = summarize(results)
     for r in results if len(results) > 1 else []:
         say.detail(f"{os.path.basename(r.case.path)} @ {r.case.size[0]}x{r.case.size[1]}: MAE {r.floats.mae:.3g}, "
