@@ -50,6 +50,7 @@ from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import write_json
 from modnet_npu.proof.timing import NoiseProbe, rotated, usable_cpus
 from modnet_npu.runtime.options import EngineOptions, compile_cache_dir, add_engine_arguments, engine_options_from
+from modnet_npu.source.resolve import check_local
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE = os.path.join(ROOT, "assets", "portrait_astronaut.jpg")
@@ -503,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     engine_options_from(args, base=BENCH_ENGINE)  # every engine option checked before anything runs
+    if args.model:
+        check_local(args.model)  # a missing local model file: one line before torch loads
     from modnet_npu.runtime.process_setup import setup_process
 
     # before any torch import here: bounds OpenMP's spin-waiting (a no-op when torch is already loaded)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from modnet_npu.cli import Parser, lazy_exports, run_command
 from modnet_npu.errors import UsageError
+from modnet_npu.source.resolve import check_model_file
 
 if TYPE_CHECKING:
     from modnet_npu.conversion.convert import ConversionReport
@@ -51,13 +52,14 @@ def _print_conversion(r: ConversionReport, show_layers: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out = args.output or os.path.splitext(args.source)[0] + ".pt"
+    if not out.endswith((".pt", ".pth", ".safetensors")):
+        raise UsageError(f"output {out!r} must end in .pt, .pth or .safetensors")
+    check_model_file(args.source)  # a missing file is one line before the converter imports torch and onnx
     from modnet_npu.conversion.convert import convert
     from modnet_npu.conversion.state_dict import CHECKPOINT_SUFFIXES, save_state_dict
     from modnet_npu.model.modnet import load_checkpoint
 
-    out = args.output or os.path.splitext(args.source)[0] + ".pt"
-    if not out.endswith((".pt", ".pth", ".safetensors")):
-        raise UsageError(f"output {out!r} must end in .pt, .pth or .safetensors")
     if args.source.endswith(CHECKPOINT_SUFFIXES):
         model = load_checkpoint(args.source)
         print(f"loaded checkpoint {args.source} (strict)")

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from modnet_npu.cli import Parser, lazy_exports, run_command
 from modnet_npu.matting.imaging import ShortSide, parse_size_spec
+from modnet_npu.source.resolve import check_model_file
 
 # ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["ArchReport", "ConvRow", "analyse", "count_ops", "format_report", "main"]
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_model_file(args.model)  # a missing file is one line before the analysis imports torch and onnx (seconds)
     from modnet_npu.graph.analysis import analyse, format_report
 
     report = analyse(args.model, *args.size, batch=args.batch)

@@ -31,6 +31,7 @@ from modnet_npu.matting.imaging import parse_size_spec, postprocess, preprocess
 from modnet_npu.proof.options import ENGINE_DEFAULTS, Options
 from modnet_npu.routes import ROUTE_PRECISIONS, parse_routes
 from modnet_npu.runtime.options import DEVICE_CHOICES, compile_cache_dir, add_engine_arguments, engine_options_from
+from modnet_npu.source.resolve import check_local
 
 # ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["build_torch_model_from_onnx", "preprocess", "postprocess", "compare_layers", "main"]
@@ -157,6 +158,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if not args.output_dir.strip():
         raise UsageError("--output-dir must not be empty")
     check_output_folder(args.output_dir)  # a file, /dev/null, /proc: refused now, not at the last step
+    check_local(engine.model)  # a missing local model file: one line now, not after torch and onnx load
     return Options(engine=engine, images=tuple(args.image or ()),
                    image_dirs=tuple(args.images or ()), size=args.size, sizes=sizes, alphas=args.alphas,
                    layerwise=args.layerwise, layer_threshold=args.layer_threshold, runs=args.runs,

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from modnet_npu.cli import Parser, lazy_exports, run_command
-from modnet_npu.source.flavours import DEFAULT_SEED, FLAVOURS
+from modnet_npu.source.flavours import DEFAULT_SEED, FLAVOURS, check_generate
 
 # ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["FLAVOURS", "generate", "seeded_modnet", "main"]
@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    flavours = args.flavour or FLAVOURS
+    check_generate(args.out_dir, flavours)  # refused in a fraction of a second, before the generator loads torch
     from modnet_npu.source.synthetic import generate
 
-    paths = generate(args.out_dir, args.flavour or FLAVOURS, args.seed)
+    paths = generate(args.out_dir, flavours, args.seed)
     for flavour, path in paths.items():
         print(f"{flavour:<12} {path}")
     return 0

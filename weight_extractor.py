@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Sequence
 
 from modnet_npu.cli import Parser, lazy_exports, run_command
+from modnet_npu.source.resolve import check_model_file
 
 # ruff: noqa: F822  (the names of __all__ that the module does not bind come from __getattr__ below)
 __all__ = ["GraphFacts", "OnnxReadError", "OnnxWeights", "TensorInfo", "ValueInfo", "load_onnx", "read_weights",
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_model_file(args.model)  # a missing file is one line before the reader imports onnx (most of a second)
     from modnet_npu.graph.weights import format_summary, read_weights, save_npz, summarize
 
     weights = read_weights(args.model)

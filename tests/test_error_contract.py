@@ -22,8 +22,9 @@ BAD_OPTION = "--no-such-option"
 TIMEOUT_S = 300  # a command that starts its work instead of failing is cut off here (and fails the test)
 
 
-def _missing_model_args(work: Path) -> dict[str, list[str]]:
-    """Each command with a model file that does not exist, and otherwise sound arguments."""
+def missing_model_args(work: Path) -> dict[str, list[str]]:
+    """Each command with a model file that does not exist, and otherwise sound arguments (test_startup runs
+    them too, to see that the refusal comes before torch and onnx are imported)."""
     missing, out = str(work / "missing.onnx"), str(work / "out")
     return {
         "run_npu_inference.py": ["--model", missing, "--offline", "--output-dir", out],
@@ -38,7 +39,7 @@ def _missing_model_args(work: Path) -> dict[str, list[str]]:
     }
 
 
-COMMANDS = tuple(_missing_model_args(Path("/")))
+COMMANDS = tuple(missing_model_args(Path("/")))
 CASES = ("bad-option", "missing-file")
 
 
@@ -52,7 +53,7 @@ class Run:
 def _run(command: str, case: str, work: Path) -> Run:
     work.mkdir(parents=True)
     (work / "a-file").write_bytes(b"keep")
-    args = _missing_model_args(work)[command]
+    args = missing_model_args(work)[command]
     if case == "bad-option":
         args = [*args, BAD_OPTION]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import PORTRAIT, ROOT
+from test_error_contract import missing_model_args
 
 # A fresh interpreter: imports a command line's module, runs its main() on the arguments, and writes what the
 # process imported (and torch's thread count, where torch was loaded) to a JSON file.
@@ -182,3 +183,43 @@ def test_every_name_a_face_exports_is_its_owners(face):
         assert name in dir(module)
     with pytest.raises(AttributeError, match="no_such_name"):
         module.no_such_name  # noqa: B018  (an unknown name is still an AttributeError, not an import)
+
+
+# Every command line, run in turn in one interpreter as a user runs it, on a model file that does not exist (for
+# synthetic_model.py, an output folder that is a file): what each wrote to stderr, its status, and which of the
+# slow packages the process had imported by then (cumulative: the first command to load one is the culprit).
+REFUSALS = """
+import contextlib, io, json, runpy, sys
+root, commands = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, root)
+results = {}
+for command, argv in commands.items():
+    sys.argv = [command, *argv]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(f"{root}/{command}", run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    results[command] = {"code": code, "stderr": err.getvalue(),
+                        "loaded": [m for m in ("torch", "onnx", "onnxruntime") if m in sys.modules]}
+print(json.dumps(results))
+"""
+
+
+def test_a_missing_model_file_is_refused_before_torch_or_onnx_is_imported(tmp_path):
+    # one line in a fraction of a second, not after the seconds torch and onnx take to import (a missing
+    # file's text and status are the same either way: test_error_contract and each tool's tests)
+    (tmp_path / "a-file").write_bytes(b"keep")
+    commands = missing_model_args(tmp_path)
+    done = subprocess.run([sys.executable, "-c", REFUSALS, str(ROOT), json.dumps(commands)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    missing = tmp_path / "missing.onnx"
+    for command in commands:
+        expected = (f"error: {tmp_path / 'a-file'}: is a file, not a folder\n" if command == "synthetic_model.py"
+                    else f"error: {missing}: no such file\n")
+        assert results[command] == {"code": 1, "stderr": expected, "loaded": []}, command
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]  # nothing written

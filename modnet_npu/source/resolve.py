@@ -349,13 +349,23 @@ def is_local(spec: str) -> bool:
     return os.path.exists(spec) or spec.endswith(".onnx") or os.sep in spec and not _MODEL_ID_RE.match(spec)
 
 
+def check_model_file(path: str) -> None:
+    """ModelNotFoundError unless ``path`` is a regular file (a folder, a FIFO or a device is no model).
+
+    Cheap, offline and torch-free (this module imports neither torch nor onnx): the command lines
+    that read a model file call it, or :func:`check_local`, before their first slow import, so a
+    missing file is one line in a fraction of a second rather than after seconds of imports.
+    """
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"{path}: {_not_a_file(path)}")
+
+
 def check_local(spec: str) -> bool:
     """True for a local model file; ModelNotFoundError for a local spec that is not a regular file;
     False for a URL or model id. Cheap and offline: tools call it before any slow start."""
     if not is_local(spec):
         return False
-    if not os.path.isfile(spec):
-        raise ModelNotFoundError(f"{spec}: {_not_a_file(spec)}")
+    check_model_file(spec)
     return True
 
 

@@ -34,7 +34,6 @@ ort_extended   re-saved at ONNX Runtime's extended level (FusedConv with
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import random
@@ -48,11 +47,12 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from modnet_npu.errors import ModnetError
 from modnet_npu.fileio import atomic_path
 from modnet_npu.model.modnet import MODNet, IBNorm, INSTANCE_NORM_EPS, SEBlock
 # the names and the seed live torch-free: synthetic_model.py's parser offers them before torch loads
 from modnet_npu.source.flavours import DEFAULT_SEED, FLAVOURS  # noqa: F401  (re-exported)
+from modnet_npu.source.flavours import (FLAVOUR_PACKAGES, MissingPackageError,  # noqa: F401  (re-exported)
+                                        check_flavours, check_generate)
 
 STATIC_SIZE = 256
 
@@ -333,47 +333,6 @@ def _ort_optimise(src: str, dst: str, extended: bool = False) -> None:
 # the flavour resolve.synthetic_fallback generates: the real file's layout
 FALLBACK_FLAVOUR = "official"
 
-# what each flavour imports beyond torch and onnx; FALLBACK_FLAVOUR (and "webnn")
-# need nothing outside requirements.txt
-FLAVOUR_PACKAGES: dict[str, tuple[str, ...]] = {
-    "dynamo": ("onnxscript",),  # torch.onnx's dynamo exporter
-    "simplified": ("onnxslim",),
-    "ort": ("onnxruntime",),
-    "ort_extended": ("onnxruntime",),
-}
-
-
-class MissingPackageError(ModnetError, ImportError):
-    """A requested flavour needs a package that is not installed."""
-
-
-def _installed(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def check_flavours(flavours: Sequence[str]) -> None:
-    """Every flavour known and its packages installed, checked before anything is written.
-
-    Without this, a missing optional package surfaced as a traceback after a
-    few files had already been exported.
-    """
-    unknown = [f for f in flavours if f not in FLAVOURS]
-    if unknown:
-        raise ValueError(f"unknown flavour {unknown[0]!r}; choose from {', '.join(FLAVOURS)}")
-    missing: dict[str, list[str]] = {}
-    for flavour in dict.fromkeys(flavours):
-        for package in FLAVOUR_PACKAGES.get(flavour, ()):
-            if not _installed(package):
-                missing.setdefault(package, []).append(flavour)
-    if missing:
-        needs = "; ".join(f"{', '.join(fl)} needs {pkg}" for pkg, fl in missing.items())
-        raise MissingPackageError(f"flavour {needs}: pip install {' '.join(missing)} "
-                                  "(or pip install -r requirements-dev.txt); nothing was written")
-
-
 def _official_export(model: MODNet, path: str) -> None:
     """The official export's layout (see the module's table): opset 11, dynamic, its SE block and constants."""
     _torchscript_export(model, path, 11, True, True, official_se=True)
@@ -419,12 +378,10 @@ def generate(
 ) -> dict[str, str]:
     """Export each flavour to ``out_dir/modnet_<flavour>.onnx``; returns flavour -> path.
 
-    Flavours and their packages are checked first (:func:`check_flavours`); each
+    Flavours, their packages and ``out_dir`` are checked first (:func:`check_generate`); each
     file is written atomically, so a failure leaves only complete files.
     """
-    check_flavours(flavours)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NotADirectoryError(f"{out_dir}: is a file, not a folder")
+    check_generate(out_dir, flavours)
     os.makedirs(out_dir, exist_ok=True)
     model = seeded_modnet(seed)
     paths: dict[str, str] = {}
