@@ -54,14 +54,8 @@ def test_runs_on_meta(fast):
 
 
 @pytest.mark.parametrize("precision,mae", [("fp16", 2e-3), ("bf16", 1e-2)])
-def test_half_precision_stays_close(fast, precision, mae):
-    from conftest import PORTRAIT
-    from modnet_npu.matting.imaging import preprocess
-
-    # 128x128: fp16 convolutions run ~40x slower than fp32 on a CPU without fp16 arithmetic (13.7 s at 256x256,
-    # 2.0 s here); the errors are rounding's, the same at either size on these weights (mean 1.9e-4 / 2.0e-4
-    # fp16, 1.4e-3 / 1.6e-3 bf16, 2-core EPYC); the real weights are held to their bounds in test_real_model.py
-    x = torch.from_numpy(preprocess(str(PORTRAIT), 128)[0])
+def test_half_precision_stays_close(fast, portrait_input, precision, mae):
+    x = torch.from_numpy(portrait_input)
     with torch.no_grad():
         ref = fast(x)
         half, in_dtype = with_precision(copy.deepcopy(fast), precision)
@@ -70,6 +64,8 @@ def test_half_precision_stays_close(fast, precision, mae):
         except RuntimeError as exc:  # some CPU builds lack a half kernel
             pytest.skip(f"{precision} not supported on this CPU build: {exc}")
     assert out.dtype != torch.float32  # the decoder really ran in half precision
+    convs = [m.weight for m in half.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # oneDNN's layout on a CPU
     out = out.float()
     assert torch.isfinite(out).all()
     assert float((out - ref).abs().mean()) <= mae

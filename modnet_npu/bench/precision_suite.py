@@ -1,6 +1,6 @@
 """Every quality claim, measured on the real MODNet weights: the ``precision`` suite.
 
-Three sections, each a function returning frozen rows, and :func:`run_suite`
+Four sections, each a function returning frozen rows, and :func:`run_suite`
 that runs the ones asked for and writes ``precision_suite.json`` and
 ``precision_suite.md`` (the tables of docs/REAL_MODEL.md):
 
@@ -16,6 +16,9 @@ that runs the ones asked for and writes ``precision_suite.json`` and
 * ``layers`` (:func:`check_layers`): the layer-by-layer comparison without a
   fault (worst relative and local errors against each precision's threshold)
   and with one weight tensor scaled by 1.01 (where the first divergence lands).
+* ``golden`` (:func:`measure_golden`): every engine, form, precision and batch
+  size against the golden mattes (the figures the test suite's bounds are
+  twice of: tests/test_real_model.py, HALF_MEASURED).
 
 Plus :func:`write_golden` (the test suite's golden mattes) and
 :func:`golden_agreement` (how a matte agrees with one).
@@ -38,7 +41,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the tables and the pars
     from modnet_npu.conversion.convert import Conversion
 
 Log = Callable[[str], None]
-SECTIONS = ("precision", "demos", "layers")
+SECTIONS = ("precision", "demos", "layers", "golden")
 # the official rule's case: a photo of this size (width x height), the portrait resized with Lanczos
 RULE_PHOTO = (1000, 750)
 DEMO_PHOTOS = ((2000, 1500), (1000, 750), (750, 1000), (640, 480), (512, 512), (400, 300), (300, 400), (200, 150))
@@ -338,6 +341,61 @@ def write_golden(model_path: str, out_dir: str, *, image: str = DEFAULT_IMAGE,
     return paths
 
 
+GOLDEN_KINDS = (("ort", "fp32"), ("optimized", "fp32"), ("optimized", "fp16"), ("optimized", "bf16"),
+                ("faithful", "fp32"), ("faithful", "fp16"), ("faithful", "bf16"))
+
+
+@dataclass(frozen=True)
+class GoldenRow:
+    kind: str  # "ort", or the PyTorch model form
+    precision: str
+    side: int
+    batch: int  # 2: the mirrored portrait first, the portrait second (whose matte is scored)
+    agreement: GoldenAgreement
+    seconds: float
+
+
+def measure_golden(model_path: str, *, image: str = DEFAULT_IMAGE, sizes: Sequence[Size] = GOLDEN_SIZES,
+                   batches: Sequence[int] = (1, 2), threads: int = 1, conversion: Conversion | None = None,
+                   log: Log = print) -> tuple[GoldenRow, ...]:
+    """Each engine (ONNX Runtime; PyTorch in each form and precision) at each size and batch against the
+    golden matte :func:`write_golden` makes, on the CPU with ``threads`` threads."""
+    from modnet_npu.runtime.engines import OrtEngine
+
+    ort, rgb = OrtEngine(model_path, threads=threads), photo(image, None)
+    inputs = {size: model_input(rgb, size)[None] for size in sizes}
+    golden = {size: to_uint8(ort.infer(x)[0]) for size, x in inputs.items()}
+    rows = []
+    for kind, precision in GOLDEN_KINDS:
+        engine = ort if kind == "ort" else _torch_engine(model_path, kind, precision, "cpu", threads,
+                                                         conversion=_conversion(model_path, conversion))
+        for size in sizes:
+            x = inputs[size]
+            for batch in batches:
+                feed = x if batch == 1 else np.concatenate([x[..., ::-1]] * (batch - 1) + [x]).copy()
+                start = time.perf_counter()
+                matte = engine.infer(feed)[-1]
+                row = GoldenRow(kind, precision, size[0], batch, golden_agreement(matte, golden[size]),
+                                time.perf_counter() - start)
+                log(f"{kind} {precision} {size[0]}x{size[1]} batch {batch}: mean {row.agreement.mae:.3g}, "
+                    f"{row.agreement.pct_over_one_level:.3g}% over one level, max {row.agreement.max_level_error}")
+                rows.append(row)
+        if engine is not ort:
+            engine.close()
+    return tuple(rows)
+
+
+def golden_table(rows: Sequence[GoldenRow]) -> str:
+    lines = ["| engine / form | precision | size | batch | mean level error | % > 1 level | max level error | "
+             "max distance from the level | s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        a = r.agreement
+        lines.append(f"| {'ONNX Runtime' if r.kind == 'ort' else r.kind} | {r.precision} | {r.side}² | {r.batch} | "
+                     f"{a.mae:.3g} | {a.pct_over_one_level:.3g}% | {a.max_level_error} | {a.max_d:.4f} | "
+                     f"{r.seconds:.2f} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------
 # the suite
 # --------------------------------------------------------------------------
@@ -350,6 +408,7 @@ class SuiteResult:
     precision: tuple[PrecisionRow, ...]
     demos: tuple[DemoRow, ...]
     layers: tuple[LayerCheckRow, ...]
+    golden: tuple[GoldenRow, ...]
     fault_table: str  # the ten worst rows of :func:`fault_example` ("" when the layers section did not run)
     seconds: float
 
@@ -357,7 +416,8 @@ class SuiteResult:
         parts = [f"Model: `{self.model}` (sha256 `{self.sha256}`)"]
         for title, rows, table in (("Half precision against ONNX Runtime fp32", self.precision, precision_table),
                                    ("The official demos", self.demos, demo_table),
-                                   ("Layer by layer", self.layers, layer_table)):
+                                   ("Layer by layer", self.layers, layer_table),
+                                   ("Against the golden mattes", self.golden, golden_table)):
             if rows:
                 parts.append(f"## {title}\n\n{table(rows)}")
         if self.fault_table:
@@ -382,13 +442,15 @@ def run_suite(model: str | None = None, *, output_dir: str | None = None, sectio
     start = time.perf_counter()
     src = resolve_model(model or DEFAULT_MODEL_ID, models_dir or DEFAULT_MODELS_DIR, log=log)
     # converted once for every PyTorch model of the suite (the demos section runs ONNX Runtime only)
-    conv = _conversion(src.path, None) if {"precision", "layers"} & set(sections) else None
+    conv = _conversion(src.path, None) if {"precision", "layers", "golden"} & set(sections) else None
     result = SuiteResult(
         src.path, src.sha256,
         measure_precision(src.path, image=image, device=device, threads=threads, conversion=conv, log=log)
         if "precision" in sections else (),
         compare_demos(src.path, image=image, threads=threads, log=log) if "demos" in sections else (),
         check_layers(src.path, image=image, conversion=conv, log=log) if "layers" in sections else (),
+        measure_golden(src.path, image=image, threads=threads or 1, conversion=conv, log=log)
+        if "golden" in sections else (),
         fault_example(src.path, output_dir, image=image, conversion=conv).worst_table(10)
         if "layers" in sections else "",
         time.perf_counter() - start,
