@@ -257,6 +257,7 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
                              "test_a_signal_during_a_video_cleans_up_like_ctrl_c",
                              "test_endless_stdin_ends_in_one_line_under_a_memory_cap"),
     "test_benchmark.py": ("test_busy_suite_smoke", "test_engines_suite_smoke",
+                          "test_the_golden_section_scores_every_engine_against_onnx_runtimes_matte",
                           "test_engines_suite_on_a_device_runs_every_size_and_leaves_the_models_where_they_were"),
     "test_convert_onnx_to_torch.py": ("test_cli_writes_a_strict_loadable_state_dict",),
     "test_imaging.py": ("test_background_strip_on_a_big_photo_stays_within_memory",),

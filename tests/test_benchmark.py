@@ -159,3 +159,19 @@ def test_the_precision_suite_converts_once_and_never_changes_that_conversion(fla
     ps._torch_engine(path, "faithful", "fp16", "cpu", 1, conversion=conversion).close()  # casts a model of its own
     after = conversion.model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_golden_section_scores_every_engine_against_onnx_runtimes_matte(flavour_files):
+    from modnet_npu.bench import precision_suite as ps
+    from modnet_npu.conversion.convert import convert
+
+    path = flavour_files["official"]
+    rows = ps.measure_golden(path, sizes=((64, 64),), batches=(1, 2), conversion=convert(path), log=lambda m: None)
+    assert [(r.kind, r.precision, r.batch) for r in rows] == [(k, p, b) for k, p in ps.GOLDEN_KINDS for b in (1, 2)]
+    for r in rows:
+        if r.kind == "ort":
+            assert (r.agreement.mae, r.agreement.max_level_error) == (0.0, 0)  # the golden is its own matte
+        elif r.precision == "fp32":  # the fp32 rule: within 0.5 + 255 * 1e-4 of the golden level
+            assert r.agreement.max_d <= 0.5 + 255 * 1e-4 and r.agreement.max_level_error <= 1
+    table = ps.golden_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| ONNX Runtime | fp32 | 64² | 1 | 0 | 0% | 0 |")
