@@ -320,6 +320,9 @@ def test_every_refusal_is_one_json_line_with_its_status(client, server, image_ho
     ]
     for response, status, fragment in cases:
         _assert_json_error(response, status, fragment)
+    # a body refused at its declared length or while read is left unread: the client is told not to reuse the
+    # connection (it got a reset for its next request on it, on a loaded machine)
+    assert [r.headers.get("connection") for r, _s, _f in cases[1:3]] == ["close", "close"]
     assert _Recorder.hits == []  # the loopback URLs were refused before any connection
     # each refusal is one line of the server's log (written by the server process: on a busy machine a
     # moment after its answer, so waited for rather than slept on)

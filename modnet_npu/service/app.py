@@ -97,13 +97,16 @@ async def read_body(request: Request, limit: int) -> bytearray:
     One growing buffer, not a list of chunks joined at the end: a body costs
     its own size once, not twice.
     """
+    # the rest of a refused body stays unread, so the connection cannot carry another request: saying
+    # "close" keeps a client from sending its next request on it (and reading a reset instead of an answer)
+    close = {"Connection": "close"}
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {int(declared)} bytes is over the limit of {limit} bytes")
+        raise ApiError(413, f"body of {int(declared)} bytes is over the limit of {limit} bytes", close)
     body = bytearray()
     async for chunk in request.stream():
         if len(body) + len(chunk) > limit:
-            raise ApiError(413, f"body over the limit of {limit} bytes")
+            raise ApiError(413, f"body over the limit of {limit} bytes", close)
         body += chunk
     return body
 
