@@ -384,21 +384,23 @@ def _load(url: str, image: bytes, *, clients: int, each: int, deadline: float) -
 def test_soak_no_errors_and_bounded_memory(client, server):
     image = _variants(1, crop=(64, 64))[0]
     url = server.url + "/api/matte"
-    deadline = time.monotonic() + 240.0  # a runaway guard, far above the expected ~30 s
+    deadline = time.monotonic() + 240.0  # a runaway guard, far above the expected ~15 s
     warm = _load(url, image, clients=1, each=30, deadline=deadline) + \
         _load(url, image, clients=8, each=8, deadline=deadline)
     assert set(warm) == {200}
     served0, rss0 = _info(client)["requests_served"], server.rss_mb()
-    sequential = _load(url, image, clients=1, each=300, deadline=deadline)
-    concurrent = _load(url, image, clients=8, each=40, deadline=deadline)
+    sequential = _load(url, image, clients=1, each=150, deadline=deadline)
+    concurrent = _load(url, image, clients=8, each=20, deadline=deadline)
     rss1 = server.rss_mb()
-    assert len(sequential) == 300 and len(concurrent) == 320, "ran out of time"
+    assert len(sequential) == 150 and len(concurrent) == 160, "ran out of time"
     assert set(sequential) == {200} and set(concurrent) == {200}
     info = _info(client)
-    assert info["requests_served"] - served0 == 620 and info["in_service"] == 0
-    print(f"soak: RSS {rss0:.1f} MB after warm-up, {rss1:.1f} MB after 620 requests "
+    assert info["requests_served"] - served0 == 310 and info["in_service"] == 0
+    print(f"soak: RSS {rss0:.1f} MB after warm-up, {rss1:.1f} MB after 310 requests "
           f"({rss1 - rss0:+.1f} MB); {info['forward_passes']} forward passes for {info['requests_served']} requests")
-    assert rss1 - rss0 < 50.0
+    # a leak of 80 KB a request fails (a 128x128 float32 matte, the model's output here, is 64 KB); measured
+    # +8.5 MB after 310 requests and +9 MB after 620: the allocator settling, not a trend
+    assert rss1 - rss0 < 25.0
 
 
 def test_benchmark_load_driver_and_table(server):
