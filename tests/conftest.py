@@ -250,10 +250,13 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
                              "test_a_package_that_cannot_be_loaded_is_compiled_again_said_in_one_line",
                              "test_a_failed_compilation_is_one_line",
                              "test_the_compile_cache_key_names_the_device_architecture",
-                             "test_compile_without_a_cxx_compiler_is_one_clear_line"),
+                             "test_compile_without_a_cxx_compiler_is_one_clear_line",
+                             "test_an_input_the_model_refuses_is_its_error_not_the_compilers"),
     "test_routes.py": ("test_three_routes_side_by_side", "test_cann_provider_without_cann_falls_back_and_is_refused",
                        "test_om_without_a_runtime_compiles_then_is_one_line"),
     "test_tool_hostile.py": ("test_an_image_too_large_for_the_memory_fails_alone",
+                             "test_a_model_that_yields_nan_is_an_error_not_a_matte",
+                             "test_clashing_names_are_refused_naming_both_inputs",
                              "test_a_signal_during_a_video_cleans_up_like_ctrl_c",
                              "test_endless_stdin_ends_in_one_line_under_a_memory_cap"),
     "test_benchmark.py": ("test_busy_suite_smoke", "test_engines_suite_smoke",
@@ -287,9 +290,12 @@ SLOW_TESTS: dict[str, tuple[str, ...]] = {
     "test_peers.py": ("test_engines_part_times_and_prices_each_precision",),
     "test_foreground.py": ("test_estimated_foreground_is_closer_to_the_truth_than_the_raw_image",),  # numba's load
     "test_engines.py": ("test_compiled_packages_go_to_the_models_dir_asked_for",),
-    "test_openvino_engine.py": ("test_batches_and_fixed_batch_graphs",),
+    "test_openvino_engine.py": ("test_batches_and_fixed_batch_graphs", "test_the_openvino_path_imports_no_torch"),
     "test_timing.py": ("test_probe_flags_a_busy_process_beside_it",),
+    "test_scaleout.py": ("test_the_image_actor_prepares_its_shapes_before_its_first_batch",),
     "test_startup.py": ("test_the_torch_path_without_compile_imports_no_dynamo",  # a process loading torch
+                        "test_the_ort_path_imports_no_torch", "test_the_default_model_starts_without_onnx",
+                        "test_auto_on_a_machine_without_an_accelerator_imports_no_torch",
                         "test_the_service_on_ort_loads_no_torch"),  # a server started and asked, twice
 }
 
