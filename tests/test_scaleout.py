@@ -382,6 +382,9 @@ def test_a_second_run_writes_nothing_new(runs):
     before = _files(runs.root / "ray")
     code, err, _ = _cli([*runs.common, "-o", str(runs.root / "ray"), "--ray", "auto"])
     assert code == 1 and "0 succeeded, 2 failed, 31 skipped" in err  # the corrupt files are tried again
+    assert "actor" not in err  # ... by the driver: their headers do not read, and no worker is started for them
+    assert sorted(ln for ln in err.splitlines() if ln.startswith("error:")) == \
+        sorted(ln for ln in runs.ray[1].splitlines() if ln.startswith("error:"))  # in the decode task's words
     assert _files(runs.root / "ray") == before
 
 

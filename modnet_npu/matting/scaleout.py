@@ -281,6 +281,20 @@ def _named(message: str, row: dict) -> str:
     return message if row["source"] in message else f"{row['source']}: {message}"
 
 
+def _readable(images: Sequence[Job]) -> tuple[list[Job], list[str]]:
+    """The image jobs whose header reads, and the error lines of those whose file cannot be read at all
+    (found here, in the driver, with the decode task's own words: a re-run over a folder with a corrupt file
+    starts no worker for it)."""
+    kept, errors = [], []
+    for job in images:
+        problem = _decode(_row(job))["error"] if warmup.image_dimensions(job.source) is None else ""
+        if problem:
+            errors.append(problem)
+        else:
+            kept.append(job)
+    return kept, errors
+
+
 def _decode(row: dict) -> dict:
     """CPU task: read and decode one image; a file that cannot be read is an error row, not a failed block."""
     from PIL import Image
@@ -513,12 +527,17 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
     progress = progress or Progress()
     if not jobs:
         return RunSummary(0, 0, 0, 0, 0, 0.0)
-    images = [j for j in jobs if j.kind == "image"]
     videos = [j for j in jobs if j.kind == "video"]
     background = os.path.abspath(background) if os.path.isfile(background) else background
     from modnet_npu.runtime.engines import check_model
 
     check_model(options.model)  # the local path's check, here: a bad file is one line before any worker starts
+    images, unreadable = _readable([j for j in jobs if j.kind == "image"])
+    for line in unreadable:
+        progress.error(line)
+        progress.files(1)
+    if not images and not videos:  # nothing for a worker to do: no cluster is started or joined for it
+        return RunSummary(0, len(unreadable), 0, len(unreadable), 0, 0.0)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}}
     try:
         with ray_session(address, local=local, log=log) as ray:
@@ -528,7 +547,7 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
             log(placement.describe())
             plans = shape_plans(jobs, options, placement, batch)
             started = time.perf_counter()
-            tally = _Tally()
+            tally = _Tally(failed=len(unreadable))
             with _data_settings(ray):
                 if images:
                     tally = _tally(_image_rows(ray, images, placement, options, background=background, batch=batch,
@@ -548,4 +567,5 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
             raise
         _remove_partials(jobs)
         raise ScaleoutError(f"the Ray run failed: {_first_line(exc)}") from None
-    return RunSummary(tally.done, tally.failed, 0, len(images), tally.frames, time.perf_counter() - started)
+    return RunSummary(tally.done, tally.failed, 0, len(images) + len(unreadable), tally.frames,
+                      time.perf_counter() - started)
