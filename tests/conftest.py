@@ -365,13 +365,16 @@ def _markers_for(item: pytest.Item) -> set[str]:
     return names
 
 
-# The modules that take longest (wall time, CPU and waiting; MODNET_TEST_CPU_LOG and --durations,
-# 2026-12-01), run first: with pytest -n each module runs whole on one worker (--dist loadfile), and a
-# long one started last would leave the other worker idle at the end.
-LONGEST_FIRST = ("test_scaleout.py", "test_real_model.py", "test_acceleration.py", "test_layerwise.py",
-                 "test_pipeline.py", "test_service.py", "test_error_contract.py", "test_run_npu_inference.py",
-                 "test_inference.py", "test_convert_onnx_to_torch.py", "test_serve_browser.py",
-                 "test_inference_form.py", "test_openvino_engine.py", "test_benchmark.py")
+# The modules that take longest (wall time on a worker, warm fixture cache; --durations and
+# MODNET_TEST_CPU_LOG, 2026-12-01), run first: with pytest -n each module runs whole on one worker (--dist
+# loadfile; xdist's own reordering by test count is off, --no-loadscope-reorder), and a long one started
+# last would leave the other worker idle at the end; the many short ones fill the end. test_acceleration is
+# early for a cold cache, where its one full MODNet compile takes 30 s.
+LONGEST_FIRST = ("test_scaleout.py", "test_real_model.py", "test_layerwise.py", "test_acceleration.py",
+                 "test_inference.py", "test_service.py", "test_run_npu_inference.py",
+                 "test_convert_onnx_to_torch.py", "test_benchmark.py", "test_openvino_engine.py",
+                 "test_serve_browser.py", "test_startup.py", "test_tool_hostile.py", "test_service_hostile.py",
+                 "test_pipeline.py", "test_routes.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
