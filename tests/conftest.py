@@ -42,7 +42,10 @@ from modnet_npu.runtime.process_setup import configure_openmp  # noqa: E402  (to
 # holds a core its partner waits for: the suite's CPU time grows with every forward.
 configure_openmp()
 
-from modnet_npu.source import synthetic as synthetic_model  # noqa: E402
+# torch and onnx are imported by the fixtures that need them (the generator, the seeded model), not here:
+# the controlling process of pytest -n loads this file too, runs no test, and its start delays the workers'
+# (2.9 s of imports before any worker was spawned)
+from modnet_npu.source.flavours import FLAVOURS  # noqa: E402  (torch-free)
 
 PORTRAIT = ROOT / "assets" / "portrait_astronaut.jpg"
 # Tests talk to loopback only: no test run (nor a subprocess it starts) asks the package
@@ -68,9 +71,11 @@ def _fixture_key() -> str:
 @pytest.fixture(scope="session")
 def flavour_files(request: pytest.FixtureRequest) -> dict[str, str]:
     folder = Path(request.config.cache.mkdir("modnet-fixtures")) / _fixture_key()
-    wanted = {f: folder / f"modnet_{f}.onnx" for f in synthetic_model.FLAVOURS}
+    wanted = {f: folder / f"modnet_{f}.onnx" for f in FLAVOURS}
     missing = [f for f, p in wanted.items() if not p.exists()]
     if missing:
+        from modnet_npu.source import synthetic as synthetic_model
+
         synthetic_model.generate(str(folder), missing)
     return {f: str(p) for f, p in wanted.items()}
 
@@ -94,9 +99,11 @@ def seed_synthetic_cache(models_dir: Path, flavour_files: dict[str, str]) -> Non
     """Put the session's generated fallback-flavour file where synthetic_fallback looks (saves an export)."""
     from modnet_npu.source.resolve import synthetic_path
 
+    from modnet_npu.source.synthetic import FALLBACK_FLAVOUR
+
     target = Path(synthetic_path(str(models_dir)))
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(flavour_files[synthetic_model.FALLBACK_FLAVOUR], target)
+    shutil.copy(flavour_files[FALLBACK_FLAVOUR], target)
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +133,8 @@ def real_model(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def seeded_model():
+    from modnet_npu.source import synthetic as synthetic_model
+
     return synthetic_model.seeded_modnet()
 
 
