@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import platform
 import shutil
+import sys
 import types
 from pathlib import Path
 
@@ -173,6 +174,32 @@ def test_compiled_package_is_cached_and_reused(recompiled, tmp_path):
     picky = Picky().eval()
     picky.load_state_dict(net.state_dict())
     assert fp.model_digest(picky) != fp.model_digest(net)
+
+
+def _digest_of(folder, source: str, monkeypatch) -> str:
+    """The digest of ``Net`` of a module named ``netmod``, imported from ``folder``, whose forward returns
+    ``source``: a class's file is found through its imported module (sys.modules), as for any model."""
+    import importlib.util
+
+    path = folder / "netmod.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("import torch\n\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n        self.a = torch.nn.Conv2d(3, 1, 1)\n\n"
+                    f"    def forward(self, x):\n        return {source}\n")
+    spec = importlib.util.spec_from_file_location("netmod", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "netmod", module)
+    torch.manual_seed(0)
+    return fp.model_digest(module.Net())
+
+
+def test_the_model_digest_reads_the_code_not_its_path(tmp_path, monkeypatch):
+    """Same class name, same weights: another forward is another package; the same file elsewhere (a models
+    folder moved with its cache, another checkout) is the same one."""
+    doubled = _digest_of(tmp_path / "a", "self.a(x) * 2", monkeypatch)
+    assert _digest_of(tmp_path / "b", "self.a(x) * 3", monkeypatch) != doubled
+    assert _digest_of(tmp_path / "c", "self.a(x) * 2", monkeypatch) == doubled
 
 
 def test_the_model_digest_takes_every_buffer(seeded_model):

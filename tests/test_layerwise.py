@@ -4,7 +4,7 @@ faults, half precision, batches, and the report's outputs.
 Reports are computed once per module and shared. The static exports take
 256x256 only; the fault, half-precision and batch tests use the dynamic
 (official) file at 128x128, where the same properties hold at a quarter of the
-cost (float16 convolutions are slow on a CPU).
+cost.
 """
 from __future__ import annotations
 

@@ -360,17 +360,28 @@ def measure_golden(model_path: str, *, image: str = DEFAULT_IMAGE, sizes: Sequen
                    log: Log = print) -> tuple[GoldenRow, ...]:
     """Each engine (ONNX Runtime; PyTorch in each form and precision) at each size and batch against the
     golden matte :func:`write_golden` makes, on the CPU with ``threads`` threads."""
+    import torch
+
     from modnet_npu.runtime.engines import OrtEngine
 
     ort, rgb = OrtEngine(model_path, threads=threads), photo(image, None)
     inputs = {size: model_input(rgb, size)[None] for size in sizes}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the engines' own setting leaves torch's pool as it is: set it here
+    try:
+        return _golden_rows(model_path, ort, inputs, batches, threads, conversion, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _golden_rows(model_path: str, ort, inputs: dict, batches: Sequence[int], threads: int,
+                 conversion: Conversion | None, log: Log) -> tuple[GoldenRow, ...]:
     golden = {size: to_uint8(ort.infer(x)[0]) for size, x in inputs.items()}
     rows = []
     for kind, precision in GOLDEN_KINDS:
         engine = ort if kind == "ort" else _torch_engine(model_path, kind, precision, "cpu", threads,
                                                          conversion=_conversion(model_path, conversion))
-        for size in sizes:
-            x = inputs[size]
+        for size, x in inputs.items():
             for batch in batches:
                 feed = x if batch == 1 else np.concatenate([x[..., ::-1]] * (batch - 1) + [x]).copy()
                 start = time.perf_counter()
@@ -465,7 +476,8 @@ def build_parser(prog: str = "python3 benchmark.py precision"):
     """``benchmark.py precision``: the real-weight quality figures of docs/REAL_MODEL.md."""
     from modnet_npu.cli import Parser
 
-    p = Parser(prog=prog, description="Half precision, the official demos and layer by layer, on the real model.")
+    p = Parser(prog=prog, description="Half precision, the official demos, layer by layer and the golden mattes, "
+                                      "on the real model.")
     p.add_argument("--model", default=None, help="ONNX file or model id (default: the real model, never the generated one)")
     p.add_argument("--models-dir", default=None, help="download cache (default: models/)")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="the photo")

@@ -285,6 +285,11 @@ def _readable(images: Sequence[Job]) -> tuple[list[Job], list[str]]:
     """The image jobs whose header reads, and the error lines of those whose file cannot be read at all
     (found here, in the driver, with the decode task's own words: a re-run over a folder with a corrupt file
     starts no worker for it)."""
+    from PIL import Image
+
+    from modnet_npu.runtime.process_setup import MAX_IMAGE_PIXELS
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the decode task's limit: a large image's header reads here too
     kept, errors = [], []
     for job in images:
         problem = _decode(_row(job))["error"] if warmup.image_dimensions(job.source) is None else ""
@@ -532,12 +537,13 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
     from modnet_npu.runtime.engines import check_model
 
     check_model(options.model)  # the local path's check, here: a bad file is one line before any worker starts
+    checked = time.perf_counter()
     images, unreadable = _readable([j for j in jobs if j.kind == "image"])
     for line in unreadable:
         progress.error(line)
         progress.files(1)
     if not images and not videos:  # nothing for a worker to do: no cluster is started or joined for it
-        return RunSummary(0, len(unreadable), 0, len(unreadable), 0, 0.0)
+        return RunSummary(0, len(unreadable), 0, len(unreadable), 0, time.perf_counter() - checked)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}}
     try:
         with ray_session(address, local=local, log=log) as ray:

@@ -219,7 +219,8 @@ def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, torch.d
     may keep its own layout): oneDNN runs fp16 and bf16 convolutions in that
     layout, while the NCHW fp16 path is a reference loop (the real MODNet in
     fp16 at 256x256, one thread of a 2-core EPYC without fp16 arithmetic:
-    13.2 s NCHW, 0.51 s channels-last, the same errors; bf16 0.12 s -> 0.09 s).
+    13.2 s NCHW, 0.51 s channels-last, the same errors; bf16 0.12 s -> 0.09 s);
+    the whole model, the optimized form's fp32 backbone included. A model in
     fp32 keeps the layout its parity was measured in.
     """
     dtype = precisions.dtype(precision)

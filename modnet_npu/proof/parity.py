@@ -97,30 +97,39 @@ def run_case(case: Case, ort: Engine, torch_engine: Engine, bounds: Thresholds) 
     return CaseResult(case, model_rgb, x, ort_out, dev_out, floats, png, passed)
 
 
-def ground_truths(cases: Sequence[Case], alphas_dir: str | None) -> dict[str, tuple[str, np.ndarray]]:
-    """Each photo's ground-truth alpha (its path and its values), read and checked against the photo's size
-    before any inference: a missing, ambiguous or mis-sized file is a MattingMetricsError (one line) then,
-    not after the whole parity run. Empty without ``alphas_dir``."""
+def ground_truths(cases: Sequence[Case], alphas_dir: str | None) -> dict[str, str]:
+    """Each photo's ground-truth alpha file, read and checked against the photo's size before any inference:
+    a missing, ambiguous, unreadable or mis-sized file is a MattingMetricsError (one line) then, not after
+    the whole parity run. Empty without ``alphas_dir``. The values are read again when scored
+    (:func:`with_ground_truth`), so a run over many photos does not hold every alpha meanwhile."""
     if alphas_dir is None:
         return {}
-    from modnet_npu.proof.metrics import MattingMetricsError, load_alpha, match_alphas
+    from modnet_npu.proof.metrics import match_alphas
 
     photos = {c.path: c.rgb.shape[:2] for c in cases}
-    found: dict[str, tuple[str, np.ndarray]] = {}
-    for path, alpha_path in match_alphas(sorted(photos), alphas_dir).items():
-        gt, (h, w) = load_alpha(alpha_path), photos[path]
-        if gt.shape != (h, w):
-            raise MattingMetricsError(f"{alpha_path}: ground truth is {gt.shape[0]}x{gt.shape[1]}, "
-                                      f"but {os.path.basename(path)} is {h}x{w}")
-        found[path] = (str(alpha_path), gt)
+    found = {path: str(alpha) for path, alpha in match_alphas(sorted(photos), alphas_dir).items()}
+    for path, alpha_path in found.items():
+        _checked_alpha(alpha_path, path, photos[path])
     return found
 
 
-def with_ground_truth(result: CaseResult, alpha_path: str, gt: np.ndarray) -> CaseResult:
+def _checked_alpha(alpha_path: str, photo: str, size: tuple[int, int]) -> np.ndarray:
+    """The alpha's values, a MattingMetricsError when it is not the photo's size."""
+    from modnet_npu.proof.metrics import MattingMetricsError, load_alpha
+
+    gt = load_alpha(alpha_path)
+    if gt.shape != tuple(size):
+        raise MattingMetricsError(f"{alpha_path}: ground truth is {gt.shape[0]}x{gt.shape[1]}, "
+                                  f"but {os.path.basename(photo)} is {size[0]}x{size[1]}")
+    return gt
+
+
+def with_ground_truth(result: CaseResult, alpha_path: str) -> CaseResult:
     """``result`` with the matting metrics of both mattes (at the photo's size) against the ground truth."""
     from modnet_npu.proof.metrics import score
 
-    size = gt.shape
+    size = result.case.rgb.shape[:2]
+    gt = _checked_alpha(alpha_path, result.case.path, size)
     scores = {name: asdict(score(matte_to_size(m, size).astype(np.float64), gt))
               for name, m in (("ort", result.ort_matte), ("torch", result.torch_matte))}
     return CaseResult(**{**result.__dict__, "ground_truth": {"alpha": alpha_path, **scores}})

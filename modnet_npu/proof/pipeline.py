@@ -113,7 +113,7 @@ class Analysis:
     cases: tuple[Case, ...]  # every image at every size the parity run covers
     size: Size  # the first case's size: the benchmark's input
     static: bool
-    ground_truth: dict[str, tuple[str, np.ndarray]]  # photo path -> (alpha path, alpha); empty without --alphas
+    ground_truth: dict[str, str]  # photo path -> its alpha file, checked; empty without --alphas
 
 
 def _cases(opts: Options, facts: GraphFacts, say: _Steps) -> list[Case]:
@@ -197,8 +197,8 @@ class Parity:
         return self.summary.results[0].x
 
 
-def _ground_truth(results: list[CaseResult], truths: dict[str, tuple[str, np.ndarray]]) -> list[CaseResult]:
-    return [with_ground_truth(r, *truths[r.case.path]) if truths else r for r in results]
+def _ground_truth(results: list[CaseResult], truths: dict[str, str]) -> list[CaseResult]:
+    return [with_ground_truth(r, truths[r.case.path]) if truths else r for r in results]
 
 
 def _layerwise(opts: Options, src: ModelSource, conversion: Conversion, dev: DeviceSetup, worst: CaseResult,

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -35,7 +36,8 @@ DEFAULT_COMPILE_CACHE = compile_cache_dir(DEFAULT_MODELS_DIR)
 
 def model_digest(model: nn.Module) -> str:
     """A short hash of what a compiled form computes: the model's tensors and their names, and the source
-    files of its module classes and of this module (the compilation's settings).
+    files of its module classes (for this project's classes, every file of their package: the helpers and
+    constants a forward uses live beside it) and of this module (the compilation's settings).
 
     The code is part of the key because the same weights in a changed forward (an upgrade of this
     project, an edited model) are another program: a package compiled from the old code would still
@@ -48,9 +50,18 @@ def model_digest(model: nn.Module) -> str:
     classes = {type(m) for m in model.modules()}
     for name in sorted(f"{c.__module__}.{c.__qualname__}" for c in classes):
         h.update(name.encode())
-    for digest in sorted({_file_digest(_source_file(c)) for c in classes} | {_file_digest(__file__)}):
+    sources = {_source_file(c) for c in classes}
+    sources |= {str(p) for f in sources if f and _ours(f) for p in Path(f).parent.glob("*.py")} | {__file__}
+    for digest in sorted({_file_digest(f) for f in sources}):
         h.update(digest)  # the files' contents, not their paths: a cache moved with its models stays valid
     return h.hexdigest()[:16]
+
+
+def _ours(path: str) -> bool:
+    return Path(path).resolve().is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # modnet_npu/
 
 
 def _source_file(cls: type) -> str:

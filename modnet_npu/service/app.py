@@ -151,7 +151,7 @@ async def _receive(request: Request, service: Service) -> RequestInput:
     try:
         return await asyncio.wait_for(read_input(request, service), timeout)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"request body not received within {timeout:g} s") from None
+        raise ApiError(408, f"request body not received within {timeout:g} s", {"Connection": "close"}) from None
     except ClientDisconnect:
         raise ApiError(499, "client closed the connection while sending its body") from None
 
