@@ -98,7 +98,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def seed_synthetic_cache(models_dir: Path, flavour_files: dict[str, str]) -> None:
     """Put the session's generated fallback-flavour file where synthetic_fallback looks (saves an export)."""
     from modnet_npu.source.resolve import synthetic_path
-
     from modnet_npu.source.synthetic import FALLBACK_FLAVOUR
 
     target = Path(synthetic_path(str(models_dir)))

@@ -51,9 +51,9 @@ FP32_EPS = LAYER_THRESHOLDS["fp32"]
 # precision --sections golden`: one thread; two: torch's default here, 2-core EPYC, PyTorch 2.13 CPU, half
 # precision channels-last as with_precision lays it out, 2026-12-01; docs/REAL_MODEL.md, Golden mattes)
 HALF_MEASURED: dict[tuple[str, str, int], tuple[float, float]] = {
-    ("optimized", "fp16", 256): (8.52e-5, 0.0443), ("optimized", "fp16", 512): (1.07e-5, 0.0061),
+    ("optimized", "fp16", 256): (8.52e-5, 0.0443),
     ("optimized", "bf16", 256): (1.07e-3, 4.85), ("optimized", "bf16", 512): (5.18e-5, 0.183),
-    ("faithful", "fp16", 256): (2.03e-3, 6.50), ("faithful", "fp16", 512): (3.70e-5, 0.114),
+    ("faithful", "fp16", 256): (2.03e-3, 6.50),
     ("faithful", "bf16", 256): (3.39e-2, 12.1), ("faithful", "bf16", 512): (2.56e-4, 0.710),
 }
 # twice the measured (another kernel, another rounding: batch 1 and 2 at two threads on this very CPU already

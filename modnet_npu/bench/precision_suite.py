@@ -368,19 +368,19 @@ def measure_golden(model_path: str, *, image: str = DEFAULT_IMAGE, sizes: Sequen
     inputs = {size: model_input(rgb, size)[None] for size in sizes}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the engines' own setting leaves torch's pool as it is: set it here
-    try:
-        return _golden_rows(model_path, ort, inputs, batches, threads, conversion, log)
+    try:  # the file converted once for the six PyTorch engines
+        return _golden_rows(model_path, ort, inputs, batches, threads, _conversion(model_path, conversion), log)
     finally:
         torch.set_num_threads(before)
 
 
 def _golden_rows(model_path: str, ort, inputs: dict, batches: Sequence[int], threads: int,
-                 conversion: Conversion | None, log: Log) -> tuple[GoldenRow, ...]:
+                 conversion: Conversion, log: Log) -> tuple[GoldenRow, ...]:
     golden = {size: to_uint8(ort.infer(x)[0]) for size, x in inputs.items()}
     rows = []
     for kind, precision in GOLDEN_KINDS:
         engine = ort if kind == "ort" else _torch_engine(model_path, kind, precision, "cpu", threads,
-                                                         conversion=_conversion(model_path, conversion))
+                                                         conversion=conversion)
         for size, x in inputs.items():
             for batch in batches:
                 feed = x if batch == 1 else np.concatenate([x[..., ::-1]] * (batch - 1) + [x]).copy()

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -281,32 +281,36 @@ def _named(message: str, row: dict) -> str:
     return message if row["source"] in message else f"{row['source']}: {message}"
 
 
-def _readable(images: Sequence[Job]) -> tuple[list[Job], list[str]]:
-    """The image jobs whose header reads, and the error lines of those whose file cannot be read at all
-    (found here, in the driver, with the decode task's own words: a re-run over a folder with a corrupt file
-    starts no worker for it)."""
+def _pil_limits() -> None:
+    """This process's PIL at the decoding limit of inference.py's own process (a driver and a Ray worker
+    set no process up)."""
     from PIL import Image
 
     from modnet_npu.runtime.process_setup import MAX_IMAGE_PIXELS
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the decode task's limit: a large image's header reads here too
-    kept, errors = [], []
-    for job in images:
-        problem = _decode(_row(job))["error"] if warmup.image_dimensions(job.source) is None else ""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def _readable(images: Sequence[Job], pool: IoPool) -> tuple[list[Job], list[str], dict[str, tuple[int, int]]]:
+    """The image jobs whose header reads, the error lines of those whose file cannot be read at all (found
+    here, in the driver, in the decode task's own words: a re-run over a folder with a corrupt file starts
+    no worker for it), and the readable ones' (height, width) by path, for the actors' shape plan."""
+    _pil_limits()
+    kept, errors, dims = [], [], {}
+    for job, found in zip(images, pool.map(warmup.image_dimensions, [job.source for job in images]), strict=True):
+        problem = "" if found is not None else _decode(_row(job))["error"]
         if problem:
             errors.append(problem)
         else:
             kept.append(job)
-    return kept, errors
+            if found is not None:
+                dims[job.source] = found
+    return kept, errors, dims
 
 
 def _decode(row: dict) -> dict:
     """CPU task: read and decode one image; a file that cannot be read is an error row, not a failed block."""
-    from PIL import Image
-
-    from modnet_npu.runtime.process_setup import MAX_IMAGE_PIXELS
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the same limit as inference.py's own process
+    _pil_limits()
     _, rgb, problem = load_job(Job(row["path"], "image"))
     return {**row, "rgb": _EMPTY_RGB if rgb is None else rgb, "error": _named(problem, row) if problem else ""}
 
@@ -415,19 +419,21 @@ def actor_options(options: EngineOptions, placement: Placement) -> EngineOptions
     return replace(options, backend=placement.backend, device=placement.device, threads=placement.threads)
 
 
-def shape_plans(jobs: Sequence[Job], options: EngineOptions, placement: Placement,
-                batch: int) -> dict[str, warmup.ShapePlan | None]:
+def shape_plans(jobs: Sequence[Job], options: EngineOptions, placement: Placement, batch: int, *,
+                image_dims: Mapping[str, tuple[int, int]] | None = None) -> dict[str, warmup.ShapePlan | None]:
     """What the image and the video actors prepare before their first batch, by kind: the model input sizes
-    the inputs' headers give under the size rule every actor applies (``warmup``), read once, here. None
+    the inputs' headers give under the size rule every actor applies (``warmup``), read once, here
+    (``image_dims``: the images' (height, width) by path when the driver has read them already). None
     where the actors run ONNX Runtime or OpenVINO (nothing made per shape there) or have no input of the kind."""
     plans: dict[str, warmup.ShapePlan | None] = {"image": None, "video": None}
     if placement.backend != "torch":
         return plans
+    known = {} if image_dims is None else {"image_dims": image_dims.get}
     with IoPool() as pool:
         for kind in plans:
             of_kind = [j for j in jobs if j.kind == kind]
             if of_kind:
-                plans[kind] = warmup.shape_plan(of_kind, warmup.size_rule(options), batch, mapper=pool.map)
+                plans[kind] = warmup.shape_plan(of_kind, warmup.size_rule(options), batch, mapper=pool.map, **known)
     return plans
 
 
@@ -538,7 +544,8 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
 
     check_model(options.model)  # the local path's check, here: a bad file is one line before any worker starts
     checked = time.perf_counter()
-    images, unreadable = _readable([j for j in jobs if j.kind == "image"])
+    with IoPool() as pool:
+        images, unreadable, dims = _readable([j for j in jobs if j.kind == "image"], pool)
     for line in unreadable:
         progress.error(line)
         progress.files(1)
@@ -551,7 +558,7 @@ def run_on_ray(jobs: Sequence[Job], *, options: EngineOptions, address: str | No
             placement = place(backend=options.backend, device=options.device, precision=options.precision,
                               cluster=ray.cluster_resources(), nodes=nodes, actors=actors, threads=options.threads)
             log(placement.describe())
-            plans = shape_plans(jobs, options, placement, batch)
+            plans = shape_plans([*images, *videos], options, placement, batch, image_dims=dims)
             started = time.perf_counter()
             tally = _Tally(failed=len(unreadable))
             with _data_settings(ray):

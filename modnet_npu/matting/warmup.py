@@ -85,24 +85,27 @@ def video_dimensions(path: str) -> tuple[tuple[int, int], int] | None:
         return None
 
 
-def _inputs(job: Job, batch: int) -> tuple[tuple[int, int], int] | None:
+def _inputs(job: Job, batch: int,
+            image_dims: Callable[[str], tuple[int, int] | None]) -> tuple[tuple[int, int], int] | None:
     """(height, width) and how many images of that size the job infers: 1 for an image, the frames of a video."""
     if job.kind == "video":
         found = video_dimensions(job.source)
         # a container that does not count its frames is taken to fill whole batches
         return None if found is None else (found[0], found[1] or batch)
-    dims = image_dimensions(job.source)
+    dims = image_dims(job.source)
     return None if dims is None else (dims, 1)
 
 
 def shape_plan(jobs: Sequence[Job], model_size: Callable[[int, int], Size], batch: int, *,
-               limit: int = MAX_PREPARED_SIZES, mapper: Callable[..., Iterable] = map) -> ShapePlan:
+               limit: int = MAX_PREPARED_SIZES, mapper: Callable[..., Iterable] = map,
+               image_dims: Callable[[str], tuple[int, int] | None] = image_dimensions) -> ShapePlan:
     """The shapes ``jobs`` need: their model input sizes (``model_size(height, width)``, the Matter's rule)
     the most used first, and the largest batch of one size they can form (``batch``, or fewer when no size
-    has that many inputs). Headers are read through ``mapper`` (a pool's map reads them in parallel); an
-    input that cannot be read or is too large for the model is left out (it fails alone when its turn comes)."""
+    has that many inputs). Headers are read through ``mapper`` (a pool's map reads them in parallel), an
+    image's by ``image_dims`` (the dimensions a caller has read already, by path); an input that cannot be
+    read or is too large for the model is left out (it fails alone when its turn comes)."""
     counts: Counter[Size] = Counter()
-    for found in mapper(lambda job: _inputs(job, batch), list(jobs)):
+    for found in mapper(lambda job: _inputs(job, batch, image_dims), list(jobs)):
         if found is None:
             continue
         (height, width), n = found

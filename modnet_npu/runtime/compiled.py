@@ -57,11 +57,11 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]  # modnet_npu/
+
+
 def _ours(path: str) -> bool:
     return Path(path).resolve().is_relative_to(_PACKAGE)
-
-
-_PACKAGE = Path(__file__).resolve().parents[1]  # modnet_npu/
 
 
 def _source_file(cls: type) -> str:

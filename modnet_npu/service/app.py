@@ -91,22 +91,24 @@ def remove_asks(inp: RequestInput, method: str) -> tuple[MatteParams, str | None
 # --------------------------------------------------------------------------
 
 
+# A refusal that leaves the rest of the body unread: the connection cannot carry another request, and saying
+# "close" keeps a client from sending its next one on it (and reading a reset instead of an answer).
+_CLOSE = {"Connection": "close"}
+
+
 async def read_body(request: Request, limit: int) -> bytearray:
     """The body, refusing (413) a declared or actual length over ``limit`` without keeping more.
 
     One growing buffer, not a list of chunks joined at the end: a body costs
     its own size once, not twice.
     """
-    # the rest of a refused body stays unread, so the connection cannot carry another request: saying
-    # "close" keeps a client from sending its next request on it (and reading a reset instead of an answer)
-    close = {"Connection": "close"}
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {int(declared)} bytes is over the limit of {limit} bytes", close)
+        raise ApiError(413, f"body of {int(declared)} bytes is over the limit of {limit} bytes", _CLOSE)
     body = bytearray()
     async for chunk in request.stream():
         if len(body) + len(chunk) > limit:
-            raise ApiError(413, f"body over the limit of {limit} bytes", close)
+            raise ApiError(413, f"body over the limit of {limit} bytes", _CLOSE)
         body += chunk
     return body
 
@@ -151,7 +153,7 @@ async def _receive(request: Request, service: Service) -> RequestInput:
     try:
         return await asyncio.wait_for(read_input(request, service), timeout)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"request body not received within {timeout:g} s", {"Connection": "close"}) from None
+        raise ApiError(408, f"request body not received within {timeout:g} s", _CLOSE) from None
     except ClientDisconnect:
         raise ApiError(499, "client closed the connection while sending its body") from None
 

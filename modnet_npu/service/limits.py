@@ -150,5 +150,5 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.headers = headers or {}
+        self.headers = dict(headers or {})  # its own: a shared constant (app._CLOSE) is never changed through it
         self.detail = clip(detail) if detail else message
